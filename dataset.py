@@ -1,0 +1,374 @@
+"""HW3 data: reading the TIFFs, instances from the class label maps, augmentation, the train/val
+split, the test-id table, and a synthetic dataset in the same layout for the CPU demo.
+
+Layout (see data/README.md):
+    DATA_DIR/train/<id>/image.tif            RGBA uint8 (RGB, gray and 16-bit also accepted)
+    DATA_DIR/train/<id>/class{1..4}.tif      float64 label maps: 0 = background, each distinct
+                                             positive value = one instance; absent = class absent
+    DATA_DIR/test_release/<file_name>.tif
+    DATA_DIR/test_image_name_to_ids.json     [{"file_name", "id", "height", "width"}, ...]
+"""
+import json
+import random
+import uuid
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import tifffile
+import torch
+from scipy import ndimage
+
+from utils import NUM_CLASSES
+
+MAX_EXACT_ID = 2**24  # label maps travel as float32 through augmentation: ids up to 2^24 stay exact
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file and the problem."""
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+def read_tiff(path):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return tifffile.imread(path)
+    except Exception as e:  # tifffile raises many kinds of errors for truncated or corrupt files
+        raise DataError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from None
+
+
+def to_rgb_uint8(arr, path="image"):
+    """Any 2-D gray, HxWx1/3/4 (or planar 1/3/4xHxW) uint8/uint16/float image -> HxWx3 uint8.
+
+    Alpha is dropped; 16-bit images are scaled by 1/257 (full 16-bit range -> 0..255); float
+    images in [0, 1] are scaled by 255, others clipped to 0..255.
+    """
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # planar (channels-first) TIFF
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 2, 3, 4) or min(arr.shape[:2]) < 1:
+        raise DataError(f"{path}: expected a 2-D gray or an RGB(A) image, got an array of shape {arr.shape}")
+    if arr.shape[-1] == 2:  # gray + alpha
+        arr = arr[..., :1]
+    arr = arr[..., :3]
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8) * 255
+    if arr.dtype == np.uint16:
+        return (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating):
+        arr = arr.astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise DataError(f"{path}: image has NaN or infinite pixel values")
+        if np.issubdtype(arr.dtype, np.floating) and arr.max(initial=0) <= 1.0:
+            arr = arr * 255.0
+        return np.clip(arr, 0, 255).round().astype(np.uint8)
+    raise DataError(f"{path}: unsupported pixel type {arr.dtype}")
+
+
+def read_image(path):
+    return to_rgb_uint8(read_tiff(path), path)
+
+
+def read_label_maps(sample_dir, shape):
+    """The class files of one training image as an HxWx4 float32 array (channel k-1 = class k ids)."""
+    sample_dir = Path(sample_dir)
+    out = np.zeros((shape[0], shape[1], NUM_CLASSES), np.float32)
+    for k in range(1, NUM_CLASSES + 1):
+        path = sample_dir / f"class{k}.tif"
+        if not path.exists():
+            continue
+        lab = np.asarray(read_tiff(path))
+        if lab.ndim == 3 and 1 in (lab.shape[0], lab.shape[-1]):
+            lab = lab.squeeze()
+        if lab.shape != tuple(shape[:2]):
+            raise DataError(f"{path}: label map has shape {lab.shape}, but image.tif is {tuple(shape[:2])}")
+        if not np.issubdtype(lab.dtype, np.number) or np.issubdtype(lab.dtype, np.complexfloating):
+            raise DataError(f"{path}: label map has non-numeric type {lab.dtype}")
+        if np.issubdtype(lab.dtype, np.floating):
+            if not np.isfinite(lab).all():
+                raise DataError(f"{path}: label map contains NaN or infinite values")
+            if (lab != np.round(lab)).any():
+                raise DataError(f"{path}: label map contains non-integer values (instance ids must be whole numbers)")
+        if lab.min(initial=0) < 0:
+            raise DataError(f"{path}: label map contains negative values (instance ids must be >= 0)")
+        if lab.max(initial=0) >= MAX_EXACT_ID:
+            raise DataError(f"{path}: instance id {lab.max()} is too large (must be < {MAX_EXACT_ID})")
+        out[..., k - 1] = lab
+    return out
+
+
+def instances_from_labels(label_maps):
+    """HxWx4 label maps -> (masks (N,H,W) uint8, classes (N,) int64 in 1..4, boxes (N,4) float32).
+
+    One instance per distinct positive value per class channel, so two class files may reuse an id.
+    Boxes are [x0, y0, x1, y1) with exclusive ends: a 1-pixel instance gets width and height 1.
+    """
+    h, w = label_maps.shape[:2]
+    masks, classes, boxes = [], [], []
+    for k in range(label_maps.shape[-1]):
+        lab = label_maps[..., k]
+        ids = np.unique(lab)
+        ids = ids[ids > 0]
+        if ids.size == 0:
+            continue
+        dense = np.where(lab > 0, np.searchsorted(ids, lab) + 1, 0).astype(np.int32)
+        for i, sl in enumerate(ndimage.find_objects(dense), start=1):
+            if sl is None:
+                continue
+            mask = np.zeros((h, w), np.uint8)
+            mask[sl] = dense[sl] == i
+            masks.append(mask)
+            classes.append(k + 1)
+            boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
+    if not masks:
+        return np.zeros((0, h, w), np.uint8), np.zeros((0,), np.int64), np.zeros((0, 4), np.float32)
+    return np.stack(masks), np.asarray(classes, np.int64), np.asarray(boxes, np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# datasets
+def train_augmentation():
+    """Flips, 90-degree and small free rotations (nearest-neighbour for the label maps), to-gray."""
+    return A.Compose([
+        A.HorizontalFlip(p=0.5),
+        A.VerticalFlip(p=0.5),
+        A.RandomRotate90(p=0.5),
+        A.Rotate(limit=30, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                 border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.3),
+        A.ToGray(p=0.1),
+    ])
+
+
+def list_train_ids(data_dir):
+    """Sorted sample folder names under DATA_DIR/train, with clear errors for a wrong layout."""
+    train_dir = Path(data_dir) / "train"
+    if not Path(data_dir).is_dir():
+        raise DataError(f"data folder {data_dir} does not exist; expected {data_dir}/train/<id>/image.tif "
+                        f"(+ class1..4.tif), {data_dir}/test_release/*.tif and "
+                        f"{data_dir}/test_image_name_to_ids.json (see data/README.md)")
+    if not train_dir.is_dir():
+        raise DataError(f"{train_dir} does not exist; expected {train_dir}/<id>/image.tif (+ class1..4.tif)")
+    ids = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    if not ids:
+        raise DataError(f"{train_dir} is empty; expected one folder per image: {train_dir}/<id>/image.tif")
+    missing = [i for i in ids if not (train_dir / i / "image.tif").is_file()]
+    if missing:
+        raise DataError(f"{train_dir / missing[0] / 'image.tif'}: file not found "
+                        f"({len(missing)} sample folder(s) without image.tif)")
+    return ids
+
+
+def split_ids(ids, val_fraction, seed):
+    """Seeded train/val split of sample ids: (train_ids, val_ids), each sorted."""
+    ids = sorted(ids)
+    n_val = int(round(len(ids) * val_fraction)) if val_fraction > 0 else 0
+    n_val = min(max(n_val, 1 if val_fraction > 0 else 0), max(len(ids) - 1, 0))
+    shuffled = ids[:]
+    random.Random(seed).shuffle(shuffled)
+    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+
+
+class CellDataset(torch.utils.data.Dataset):
+    """Training/validation images of DATA_DIR/train. Items: (image float CxHxW in [0,1], target).
+
+    target: boxes (N,4) float32 xyxy, labels (N,) int64 in 1..4, masks (N,H,W) uint8, image_id int
+    (the index in `ids`). Images without any class file are kept as negative examples (N = 0).
+    Augmentation (train=True) acts on the image and the HxWx4 label maps together; instances are
+    taken from the augmented maps, so boxes always fit the masks.
+    """
+
+    def __init__(self, data_dir, ids, train=False):
+        self.dir = Path(data_dir) / "train"
+        self.ids = list(ids)
+        self.augment = train_augmentation() if train else None
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load(self, index):
+        sample = self.dir / self.ids[index]
+        image = read_image(sample / "image.tif")
+        return image, read_label_maps(sample, image.shape)
+
+    def __getitem__(self, index):
+        image, labels = self.load(index)
+        if self.augment is not None:
+            out = self.augment(image=image, mask=labels)
+            image, labels = out["image"], out["mask"]
+        masks, classes, boxes = instances_from_labels(labels)
+        target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(classes),
+                  "masks": torch.from_numpy(masks), "image_id": index}
+        return to_tensor(image), target
+
+
+def to_tensor(image):
+    """HxWx3 uint8 -> 3xHxW float in [0, 1]. The model normalises (once, with the backbone's mean/std)."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_test_table(data_dir):
+    """Validated records of DATA_DIR/test_image_name_to_ids.json."""
+    path = Path(data_dir) / "test_image_name_to_ids.json"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (the test-id table; expected a JSON list of "
+                        '{"file_name", "id", "height", "width"})')
+    try:
+        table = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(table, list) or not table:
+        raise DataError(f"{path}: expected a non-empty JSON list of records")
+    seen = set()
+    for i, rec in enumerate(table):
+        if not isinstance(rec, dict) or not {"file_name", "id", "height", "width"} <= set(rec):
+            raise DataError(f"{path}: record {i} must have file_name, id, height and width, got {rec!r}")
+        if not all(isinstance(rec[k], int) and not isinstance(rec[k], bool) for k in ("id", "height", "width")):
+            raise DataError(f"{path}: record {i} must have integer id, height and width, got {rec!r}")
+        if rec["id"] in seen:
+            raise DataError(f"{path}: image id {rec['id']} appears twice")
+        seen.add(rec["id"])
+    return table
+
+
+class TestDataset(torch.utils.data.Dataset):
+    """The images listed in the test-id table. Items: (image float CxHxW in [0,1], record)."""
+
+    def __init__(self, data_dir, table=None):
+        self.dir = Path(data_dir) / "test_release"
+        self.table = read_test_table(data_dir) if table is None else table
+        missing = [r["file_name"] for r in self.table if not (self.dir / r["file_name"]).is_file()]
+        if missing:
+            raise DataError(f"{self.dir / missing[0]}: listed in test_image_name_to_ids.json but not found "
+                            f"({len(missing)} listed file(s) missing)")
+        listed = {r["file_name"] for r in self.table}
+        self.unlisted = sorted(p.name for p in self.dir.glob("*.tif") if p.name not in listed)
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, index):
+        rec = self.table[index]
+        path = self.dir / rec["file_name"]
+        image = read_image(path)
+        if image.shape[:2] != (rec["height"], rec["width"]):
+            raise DataError(f"{path}: image is {image.shape[0]}x{image.shape[1]} (HxW) but the id table "
+                            f"says {rec['height']}x{rec['width']}")
+        return to_tensor(image), rec
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic data in the HW3 layout, for the demo and the tests
+# Looks loosely follow the course sample: brown nuclei ~20 px across on a pale violet stroma,
+# touching and overlapping, class 2 most frequent, classes 3 and 4 rare, plus faint nuclei
+# that carry no label (as in the real annotations).
+DEMO_CLASSES = {  # frequency, radius range (px), elongation range, RGB colour
+    1: (0.27, (7.0, 10.0), (1.0, 1.3), (75, 40, 30)),    # dark brown, round
+    2: (0.60, (5.0, 8.0), (1.4, 2.2), (135, 85, 55)),    # lighter brown, elongated
+    3: (0.07, (10.0, 13.0), (1.0, 1.2), (120, 80, 160)),  # large, violet
+    4: (0.06, (4.0, 5.5), (1.0, 1.2), (35, 35, 95)),     # small, dark blue
+}
+BACKGROUND_RGB = (222, 206, 222)
+UNLABELLED_RGB = (190, 170, 190)
+
+
+def _ellipse(shape, cy, cx, ry, rx, angle):
+    """Normalised elliptic radius (<1 inside) over an HxW grid, and its bounding slices."""
+    r = max(ry, rx) + 1
+    y0, y1 = max(int(cy - r), 0), min(int(cy + r) + 1, shape[0])
+    x0, x1 = max(int(cx - r), 0), min(int(cx + r) + 1, shape[1])
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    c, s = np.cos(angle), np.sin(angle)
+    u, v = (xx - cx) * c + (yy - cy) * s, -(xx - cx) * s + (yy - cy) * c
+    return np.sqrt((u / rx) ** 2 + (v / ry) ** 2), (slice(y0, y1), slice(x0, x1))
+
+
+def synth_image(rng, height, width, density=0.55):
+    """One synthetic image: (RGB uint8 HxWx3, instance id map HxW int32, class of each id {id: k})."""
+    owner = np.zeros((height, width), np.int32)
+    shade = np.ones((height, width), np.float32)
+    cls_of, colour_of = {}, {}
+    freqs = np.array([DEMO_CLASSES[k][0] for k in (1, 2, 3, 4)])
+    n_cells = max(1, int(density * height * width / (np.pi * 8.0**2)))
+    unlabelled = []
+    for i in range(1, n_cells + 1):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        if rng.random() < 0.12:  # a faint nucleus that nobody annotated
+            unlabelled.append((cy, cx, rng.uniform(5, 8)))
+            continue
+        k = int(rng.choice([1, 2, 3, 4], p=freqs / freqs.sum()))
+        _, (rmin, rmax), (emin, emax), rgb = DEMO_CLASSES[k]
+        r, e = rng.uniform(rmin, rmax), rng.uniform(emin, emax)
+        rho, sl = _ellipse(owner.shape, cy, cx, r * np.sqrt(e), r / np.sqrt(e), rng.uniform(0, np.pi))
+        inside = rho < 1
+        owner[sl][inside] = i  # later cells overlap earlier ones: touching, partly hidden cells
+        shade[sl][inside] = 0.75 + 0.35 * rho[inside]  # darker centre
+        cls_of[i] = k
+        colour_of[i] = np.clip(np.array(rgb) * rng.uniform(0.85, 1.15), 0, 255)
+    # drop slivers left by overlaps, renumber 1..N
+    ids, counts = np.unique(owner[owner > 0], return_counts=True)
+    keep = ids[counts >= 12]
+    owner[(owner > 0) & ~np.isin(owner, keep)] = 0
+    lut = np.zeros(n_cells + 1, np.int32)
+    lut[keep] = np.arange(1, len(keep) + 1)
+    new_owner = lut[owner]
+    classes = {int(lut[i]): cls_of[int(i)] for i in keep}
+
+    # render: stroma with fibres, unlabelled faint nuclei, then the cells
+    img = np.empty((height, width, 3), np.float32)
+    img[:] = BACKGROUND_RGB
+    img += ndimage.gaussian_filter(rng.normal(0, 25, (height, width)), 6)[..., None] * np.array([0.6, 0.8, 0.5])
+    for cy, cx, r in unlabelled:
+        rho, sl = _ellipse(owner.shape, cy, cx, r, r * rng.uniform(0.8, 1.2), 0.0)
+        img[sl][rho < 1] = UNLABELLED_RGB
+    colours = np.zeros((n_cells + 1, 3), np.float32)
+    for i, c in colour_of.items():
+        colours[i] = c
+    cell = owner > 0
+    img[cell] = colours[owner[cell]] * shade[cell, None]
+    img = ndimage.gaussian_filter(img, sigma=(0.8, 0.8, 0)) + rng.normal(0, 6, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8), new_owner, classes
+
+
+def make_demo_data(root, n_train=40, n_test=8, size_range=(96, 176), seed=0):
+    """Write a synthetic dataset in the exact HW3 layout under `root` (RGBA LZW image.tif, float64
+    class files present only where the class occurs, test_release/ and the id table)."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for n in range(n_train):
+        h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+        rgb, owner, classes = synth_image(rng, h, w)
+        folder = root / "train" / str(uuid.UUID(int=int(rng.integers(0, 2**63)), version=4))
+        folder.mkdir(parents=True, exist_ok=True)
+        rgba = np.dstack([rgb, np.full((h, w), 255, np.uint8)])
+        tifffile.imwrite(folder / "image.tif", rgba, compression="lzw", photometric="rgb", extrasamples=["unassalpha"])
+        for k in range(1, NUM_CLASSES + 1):
+            ids_k = [i for i, c in classes.items() if c == k]
+            if ids_k:
+                lab = np.where(np.isin(owner, ids_k), owner, 0).astype(np.float64)
+                tifffile.imwrite(folder / f"class{k}.tif", lab)
+    (root / "test_release").mkdir(parents=True, exist_ok=True)
+    table = []
+    for n in range(n_test):
+        h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
+        rgb, _, _ = synth_image(rng, h, w)
+        name = f"{uuid.UUID(int=int(rng.integers(0, 2**63)), version=4)}.tif"
+        rgba = np.dstack([rgb, np.full((h, w), 255, np.uint8)])
+        tifffile.imwrite(root / "test_release" / name, rgba, compression="lzw", photometric="rgb",
+                         extrasamples=["unassalpha"])
+        table.append({"file_name": name, "id": n + 1, "height": h, "width": w})
+    (root / "test_image_name_to_ids.json").write_text(json.dumps(table, indent=1))
+    return root

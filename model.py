@@ -1,0 +1,142 @@
+"""The report's model: torchvision MaskRCNN on a timm backbone with an FPN over its last four stages.
+
+    image [0,1] -> GeneralizedRCNNTransform (resize MIN_SIZE/MAX_SIZE, normalise with the
+    backbone's own mean/std: the only normalisation) -> timm features_only (strides 4..32)
+    -> FeaturePyramidNetwork (+ max-pool level) -> RPN with the report's anchors
+    -> box head (RoIAlign 7, sampling 2) -> mask head (RoIAlign 14, sampling 4)
+"""
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from utils import NUM_CLASSES
+
+ANCHOR_SIZES = ((4, 8), (16, 32), (32, 64), (64, 128), (128, 256))  # one pair per FPN level P2..P6
+ASPECT_RATIOS = (0.5, 1.0, 2.0)
+FPN_CHANNELS = 256
+
+
+def freeze_batchnorm(module):
+    """Replace every BatchNorm2d by torchvision's FrozenBatchNorm2d (fixed statistics and affine).
+
+    timm's norm+activation layers (BatchNormAct2d) go to timm's frozen twin, which keeps the
+    activation that a plain FrozenBatchNorm2d would drop.
+    """
+    for name, child in module.named_children():
+        if type(child) in (nn.BatchNorm2d, nn.SyncBatchNorm):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            if child.affine:
+                frozen.weight.copy_(child.weight.detach())
+                frozen.bias.copy_(child.bias.detach())
+            if child.track_running_stats:
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return timm.layers.freeze_batch_norm_2d(module)  # BatchNormAct2d and other timm norms
+
+
+class PretrainedWeightsError(RuntimeError):
+    pass
+
+
+def create_timm_features(name, pretrained=False, pretrained_weights=""):
+    """timm backbone returning its last four feature levels. Pretrained weights come from timm's hub
+    (pretrained=True) or from a local file (pretrained_weights); a failure stops with advice and
+    never falls back to random weights."""
+    kwargs = dict(features_only=True, out_indices=(-4, -3, -2, -1))
+    if pretrained_weights:
+        path = Path(pretrained_weights)
+        if not path.is_file():
+            raise PretrainedWeightsError(f"PRETRAINED_WEIGHTS file {path} does not exist")
+        try:
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        except Exception as e:
+            raise PretrainedWeightsError(
+                f"could not load PRETRAINED_WEIGHTS {path} into timm model {name!r}: {e}") from e
+    if pretrained:
+        try:
+            return timm.create_model(name, pretrained=True, **kwargs)
+        except Exception as e:
+            raise PretrainedWeightsError(
+                f"could not download pretrained weights for timm model {name!r} ({type(e).__name__}: {e}). "
+                "Without internet, download the weights on a connected machine and set PRETRAINED_WEIGHTS "
+                "(--pretrained-weights path/to/model.safetensors), or train from scratch with --pretrained false."
+            ) from e
+    return timm.create_model(name, pretrained=False, **kwargs)
+
+
+class TimmFPN(nn.Module):
+    """timm features (4 levels) -> FPN with a max-pool P6; returns {'0','1','2','3','pool'}."""
+
+    def __init__(self, body, out_channels=FPN_CHANNELS):
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x):
+        feats = self.body(x)
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
+
+
+def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0.5, detections_per_image=1000):
+    """MaskRCNN from a run configuration (the UPPER_CASE constants of train.py).
+
+    load_pretrained=False builds the same architecture without fetching weights (infer.py loads a
+    checkpoint over it).
+    """
+    body = create_timm_features(cfg["BACKBONE"],
+                                pretrained=load_pretrained and cfg.get("PRETRAINED", False),
+                                pretrained_weights=cfg.get("PRETRAINED_WEIGHTS", "") if load_pretrained else "")
+    if cfg.get("FREEZE_BN", True):
+        if load_pretrained and not (cfg.get("PRETRAINED") or cfg.get("PRETRAINED_WEIGHTS")):
+            warnings.warn("FREEZE_BN with a randomly initialised backbone fixes BatchNorm at its initial "
+                          "values (and timm zero-initialises some of them); use --freeze-bn false when "
+                          "training from scratch", stacklevel=2)
+        body = freeze_batchnorm(body)
+    backbone = TimmFPN(body, cfg.get("FPN_CHANNELS", FPN_CHANNELS))
+    data_cfg = body.pretrained_cfg
+    anchors = AnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES))
+    model = MaskRCNN(
+        backbone,
+        num_classes=NUM_CLASSES + 1,
+        min_size=cfg["MIN_SIZE"], max_size=cfg["MAX_SIZE"],
+        image_mean=list(data_cfg.get("mean", (0.485, 0.456, 0.406))),
+        image_std=list(data_cfg.get("std", (0.229, 0.224, 0.225))),
+        rpn_anchor_generator=anchors,
+        box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
+        mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=4),
+        box_score_thresh=score_threshold, box_nms_thresh=nms_threshold,
+        box_detections_per_img=detections_per_image,
+        box_batch_size_per_image=cfg.get("ROI_BATCH_SIZE", 512),
+    )
+    return model
+
+
+def load_weights(model, ckpt, path="checkpoint"):
+    """Load a checkpoint's weights, naming the mismatch (other backbone, other class count) if any."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        cfg = ckpt.get("config", {})
+        raise RuntimeError(f"{path} does not fit this model (it was trained with BACKBONE="
+                           f"{cfg.get('BACKBONE')!r} and {NUM_CLASSES + 1} classes expected): "
+                           f"{str(e).splitlines()[0]}") from e
+    return model
+
+
+def set_inference_params(model, score_threshold, nms_threshold, detections_per_image):
+    model.roi_heads.score_thresh = score_threshold
+    model.roi_heads.nms_thresh = nms_threshold
+    model.roi_heads.detections_per_img = detections_per_image
+    return model

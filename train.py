@@ -1,0 +1,293 @@
+"""Train the report's Mask R-CNN on HW3 cells.
+
+    python train.py                                   # the recipe, on data/
+    python train.py --epochs 3 --backbone resnet18 --pretrained false
+    python train.py --run-dir runs/exp1 --resume      # continue runs/exp1 from last.pt
+    python train.py --demo true                       # synthetic data, CPU-sized, then inference
+
+Every UPPER_CASE constant below can be set from the command line as --lower-case-with-dashes.
+A run folder gets config.json, split.json, metrics.csv, learning_curve.png, last.pt and best.pt.
+"""
+import csv
+import io
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import infer
+import losses
+from dataset import CellDataset, DataError, collate, list_train_ids, make_demo_data, split_ids
+from model import PretrainedWeightsError, build_model
+from utils import (apply_overrides, atomic_write, load_checkpoint, rng_state, save_checkpoint, save_json,
+                   seed_everything, set_rng_state)
+
+# ---- constants (each one can be overridden: --epochs 3, --pretrained false, ...) --------------
+DATA_DIR = "data"
+RUN_DIR = ""                  # '' = runs/<date-time>
+BACKBONE = "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"  # any timm model name
+PRETRAINED = True             # true: ImageNet weights from timm's hub
+PRETRAINED_WEIGHTS = ""       # local weights file (Kaggle without internet); wins over the hub
+FREEZE_BN = True              # batch 1 makes live BatchNorm statistics noise: freeze them
+FPN_CHANNELS = 256
+ROI_BATCH_SIZE = 512          # RoIs sampled per image for the box head (torchvision default)
+MIN_SIZE = 800                # GeneralizedRCNNTransform: shorter side resized to MIN_SIZE ...
+MAX_SIZE = 1333               # ... unless the longer side would pass MAX_SIZE
+EPOCHS = 50
+BATCH_SIZE = 1
+LR = 5e-5                     # AdamW
+WEIGHT_DECAY = 1e-3
+WARMUP_ITERS = 500            # linear warm-up from LR/1000 (capped at one epoch)
+LR_PATIENCE = 2               # ReduceLROnPlateau on val AP50 ...
+LR_FACTOR = 0.5               # ... multiplies the LR by this
+EARLY_STOP_PATIENCE = 7       # stop after this many epochs without a better val AP50
+GRAD_CLIP = 10.0              # max gradient norm; 0 = off
+VAL_FRACTION = 0.1
+VAL_DETECTIONS_PER_IMAGE = 1000  # as the submission keeps
+MASK_THRESHOLD = 0.5          # for validation AP
+SEED = 42
+LOSSES = "stock"              # loss preset, see losses.py
+LOSS_WEIGHTS = {}             # {"loss_mask": 2.0, ...}; missing terms weigh 1
+NUM_WORKERS = 2
+DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ...
+RESUME = False                # continue RUN_DIR from its last.pt
+DEMO = False                  # synthetic data + the CPU settings below, then inference
+# ------------------------------------------------------------------------------------------------
+
+# What --demo true changes (anything also given on the command line wins): a small backbone from
+# scratch on ~130 px synthetic images, sized to finish on a 2-core CPU in a few minutes.
+DEMO_SETTINGS = dict(
+    DATA_DIR="data/demo", BACKBONE="resnet18", PRETRAINED=False, FREEZE_BN=False, FPN_CHANNELS=64,
+    ROI_BATCH_SIZE=128, MIN_SIZE=128, MAX_SIZE=192, EPOCHS=14, BATCH_SIZE=2, LR=1e-3, WARMUP_ITERS=20,
+    VAL_FRACTION=0.2, VAL_DETECTIONS_PER_IMAGE=200, NUM_WORKERS=0, EARLY_STOP_PATIENCE=5,
+)
+METRIC_FIELDS = ["epoch", "lr", "train_loss", *losses.LOSS_TERMS, "val_loss", "val_ap50", "val_ap",
+                 "skipped_steps", "epoch_seconds"]
+MAX_SKIPPED_STEPS = 20  # consecutive non-finite losses before giving up
+
+
+def resolve_config(argv=None):
+    ns = {k: v for k, v in globals().items() if k.isupper() and k not in ("DEMO_SETTINGS", "METRIC_FIELDS",
+                                                                         "MAX_SKIPPED_STEPS")}
+    cfg, given = apply_overrides(ns, argv, description=__doc__)
+    if cfg["RESUME"] and cfg["RUN_DIR"]:  # a resumed run keeps its configuration, but for what is given now
+        saved = load_checkpoint(Path(cfg["RUN_DIR"]) / "last.pt")["config"]
+        cfg = {**saved, **{k: cfg[k] for k in given}, "RESUME": True}
+        given = set(saved) | given
+    if cfg["DEMO"]:
+        cfg.update({k: v for k, v in DEMO_SETTINGS.items() if k not in given})
+    if not cfg["RUN_DIR"]:
+        if cfg["RESUME"]:
+            raise SystemExit("--resume needs --run-dir: the run folder to continue")
+        cfg["RUN_DIR"] = f"runs/{'demo-' if cfg['DEMO'] else ''}{time.strftime('%Y%m%d-%H%M%S')}"
+    return cfg
+
+
+def pick_device(name):
+    return infer.pick_device(name)
+
+
+def to_device(images, targets, device):
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
+               for t in targets]
+    return images, targets
+
+
+def train_one_epoch(model, loader, optimizer, device, cfg, state):
+    """One pass over the training split; returns the mean of each loss term and the step count skipped."""
+    model.train()
+    sums, steps, skipped_in_a_row, skipped = {}, 0, 0, 0
+    warmup = min(cfg["WARMUP_ITERS"], len(loader))
+    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg['EPOCHS']}", dynamic_ncols=True)
+    t_last = time.time()
+    for images, targets in bar:
+        if state["step"] < warmup:  # linear warm-up to the current LR (the plateau scheduler acts later)
+            for g in optimizer.param_groups:
+                g["lr"] = g["initial_lr"] * (0.001 + 0.999 * (state["step"] + 1) / warmup)
+        images, targets = to_device(images, targets, device)
+        loss_dict = model(images, targets)
+        loss = losses.weighted_total(loss_dict, cfg["LOSS_WEIGHTS"])
+        state["step"] += 1
+        if not torch.isfinite(loss):
+            skipped += 1
+            skipped_in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            if skipped_in_a_row >= MAX_SKIPPED_STEPS:
+                raise FloatingPointError(
+                    f"{skipped_in_a_row} consecutive non-finite losses ({ {k: float(v) for k, v in loss_dict.items()} }); "
+                    "lower LR, raise WARMUP_ITERS or check the data")
+            continue
+        skipped_in_a_row = 0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg["GRAD_CLIP"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"])
+        optimizer.step()
+        steps += 1
+        for k, v in loss_dict.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+        sums["train_loss"] = sums.get("train_loss", 0.0) + loss.item()
+        now = time.time()
+        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        s_it=f"{now - t_last:.2f}")
+        t_last = now
+    return {k: v / max(steps, 1) for k, v in sums.items()}, skipped
+
+
+@torch.no_grad()
+def validation_loss(model, loader, device, cfg):
+    """Mean weighted loss on the val split: torchvision computes losses only in train mode, so run
+    train mode with every normalisation layer in eval mode (statistics untouched) and no gradients."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._NormBase):
+            m.eval()
+    total, n = 0.0, 0
+    for images, targets in loader:
+        images, targets = to_device(images, targets, device)
+        total += float(losses.weighted_total(model(images, targets), cfg["LOSS_WEIGHTS"]))
+        n += 1
+    model.eval()
+    return total / max(n, 1)
+
+
+def write_metrics(history, run_dir):
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    with atomic_write(Path(run_dir) / "metrics.csv", "w") as f:
+        f.write(buf.getvalue())
+
+
+def plot_curves(history, path):
+    """Learning curve: train/val loss (left axis) and val AP50 (right axis) per epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="val loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [h["val_ap50"] for h in history], "^-", color="tab:green", label="val AP50")
+    ax2.set_ylabel("val AP50 (segm, maxDets 100)")
+    ax2.set_ylim(0, 1)
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [l.get_label() for l in lines], loc="center right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    with atomic_write(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def main(argv=None):
+    cfg = resolve_config(argv)
+    run_dir = Path(cfg["RUN_DIR"])
+    if cfg["DEMO"] and not (Path(cfg["DATA_DIR"]) / "train").is_dir():
+        print(f"making the synthetic demo dataset in {cfg['DATA_DIR']}")
+        make_demo_data(cfg["DATA_DIR"], seed=cfg["SEED"])
+    if (run_dir / "last.pt").exists() and not cfg["RESUME"]:
+        raise SystemExit(f"{run_dir} already holds a run (last.pt); continue it with --resume, "
+                         "or choose another --run-dir")
+    seed_everything(cfg["SEED"])
+    device = pick_device(cfg["DEVICE"])
+
+    # ---- data ------------------------------------------------------------------------------------
+    train_ids, val_ids = split_ids(list_train_ids(cfg["DATA_DIR"]), cfg["VAL_FRACTION"], cfg["SEED"])
+    train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True)
+    val_set = CellDataset(cfg["DATA_DIR"], val_ids, train=False)
+    generator = torch.Generator().manual_seed(cfg["SEED"])
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg["BATCH_SIZE"], shuffle=True, collate_fn=collate, generator=generator,
+        num_workers=cfg["NUM_WORKERS"], pin_memory=device.type == "cuda",
+        persistent_workers=cfg["NUM_WORKERS"] > 0)
+    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, shuffle=False, collate_fn=collate,
+                                             num_workers=cfg["NUM_WORKERS"])
+
+    # ---- model, optimiser, schedule --------------------------------------------------------------
+    model = build_model(cfg, load_pretrained=not cfg["RESUME"],
+                        detections_per_image=cfg["VAL_DETECTIONS_PER_IMAGE"]).to(device)
+    losses.configure_losses(model, cfg["LOSSES"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"])
+    for g in optimizer.param_groups:
+        g["initial_lr"] = cfg["LR"]
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg["LR_FACTOR"],
+                                                           patience=cfg["LR_PATIENCE"])
+    state = {"epoch": 0, "step": 0, "best_ap50": -math.inf, "bad_epochs": 0, "history": [], "finished": False}
+
+    if cfg["RESUME"]:
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        state = ckpt["state"]
+        set_rng_state(ckpt["rng"])
+        generator.set_state(ckpt["loader_rng"])
+        train_ids, val_ids = ckpt["train_ids"], ckpt["val_ids"]
+        print(f"resumed {run_dir} after epoch {state['epoch']} (best val AP50 {state['best_ap50']:.4f})")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(cfg, run_dir / "config.json")
+        save_json({"train": train_ids, "val": val_ids, "seed": cfg["SEED"]}, run_dir / "split.json")
+    print(f"run {run_dir}: {len(train_ids)} train / {len(val_ids)} val images, backbone {cfg['BACKBONE']}, "
+          f"device {device}")
+
+    coco_gt = infer.val_ground_truth(val_set) if len(val_set) else None
+    while not state["finished"] and state["epoch"] < cfg["EPOCHS"]:
+        t0 = time.time()
+        train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state)
+        state["epoch"] += 1
+        row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
+               **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
+        improved = True  # with no val split, the latest weights are the best we know
+        if coco_gt is not None:
+            row["val_loss"] = validation_loss(model, val_loader, device, cfg)
+            metrics, _ = infer.evaluate(model, val_set, device, cfg["MASK_THRESHOLD"], coco_gt)
+            row["val_ap50"], row["val_ap"] = metrics["ap50"], metrics["ap"]
+            ap50 = metrics["ap50"] if not math.isnan(metrics["ap50"]) else -math.inf
+            improved = ap50 > state["best_ap50"]
+            scheduler.step(ap50)
+            if improved:
+                state["best_ap50"], state["bad_epochs"] = ap50, 0
+            else:
+                state["bad_epochs"] += 1
+                if state["bad_epochs"] >= cfg["EARLY_STOP_PATIENCE"]:
+                    state["finished"] = True
+                    print(f"early stop: no better val AP50 for {state['bad_epochs']} epochs")
+        row["epoch_seconds"] = time.time() - t0
+        state["history"].append(row)
+        state["finished"] = state["finished"] or state["epoch"] >= cfg["EPOCHS"]
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "state": state, "config": cfg, "epoch": state["epoch"],
+                "train_ids": train_ids, "val_ids": val_ids, "rng": rng_state(), "loader_rng": generator.get_state()}
+        if improved:
+            save_checkpoint(ckpt, run_dir / "best.pt")
+        save_checkpoint(ckpt, run_dir / "last.pt")
+        write_metrics(state["history"], run_dir)
+        plot_curves(state["history"], run_dir / "learning_curve.png")
+        print(f"epoch {state['epoch']}: train loss {row.get('train_loss', float('nan')):.4f}  "
+              f"val loss {row['val_loss']:.4f}  val AP50 {row['val_ap50']:.4f}  AP {row['val_ap']:.4f}  "
+              f"lr {row['lr']:.2e}  {row['epoch_seconds']:.0f}s" + ("  (best)" if improved else ""))
+    print(f"done after {state['epoch']} epochs: best val AP50 {state['best_ap50']:.4f}; {run_dir}/best.pt")
+
+    if cfg["DEMO"]:
+        infer.main(["--checkpoint", str(run_dir / "best.pt"), "--output-json", str(run_dir / "test-results.json"),
+                    "--num-workers", "0", "--detections-per-image", str(cfg["VAL_DETECTIONS_PER_IMAGE"])])
+    return run_dir
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (DataError, PretrainedWeightsError, FloatingPointError) as e:
+        raise SystemExit(f"error: {e}") from None

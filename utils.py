@@ -1,0 +1,235 @@
+"""Shared helpers: command-line overrides of constants, seeding, atomic checkpoint and JSON I/O,
+COCO RLE encoding and the leaderboard's COCO evaluation.
+
+Everything here is small glue around argparse, torch.save, pycocotools and json.
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+NUM_CLASSES = 4  # cell classes 1..4; the model adds background as class 0
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration: UPPER_CASE constants at the top of a script, overridable as --lower-case VALUE
+def _parse_bool(text):
+    value = str(text).strip().lower()
+    if value in ("true", "1", "yes", "y", "on"):
+        return True
+    if value in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_json(text):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON value, got {text!r} ({e})") from None
+
+
+def _parse_float(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def config_names(namespace):
+    """The UPPER_CASE constants of a script's globals, in definition order."""
+    return [k for k, v in namespace.items()
+            if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list, dict, type(None)))]
+
+
+def apply_overrides(namespace, argv=None, description=None):
+    """Override the UPPER_CASE constants in `namespace` (a module's globals()) from the command line.
+
+    `--epochs 3` sets EPOCHS = 3, with the type taken from the constant's default: booleans take
+    true/false (a bare `--resume` means true), lists and dicts take JSON, None takes a string.
+    Returns (config dict of all constants, set of names given on the command line).
+    """
+    names = config_names(namespace)
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for name in names:
+        default = namespace[name]
+        flag = "--" + name.lower().replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default, dest=name,
+                                metavar="true|false")
+        elif isinstance(default, int):
+            parser.add_argument(flag, type=int, default=default, dest=name)
+        elif isinstance(default, float):
+            parser.add_argument(flag, type=_parse_float, default=default, dest=name)
+        elif isinstance(default, (list, dict)):
+            parser.add_argument(flag, type=_parse_json, default=default, dest=name, metavar="JSON")
+        else:
+            parser.add_argument(flag, type=str, default=default, dest=name)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    for name in names:
+        namespace[name] = getattr(args, name)
+    given = {t[2:].split("=", 1)[0].replace("-", "_").upper() for t in argv if t.startswith("--")}
+    return {name: namespace[name] for name in names}, given
+
+
+# ----------------------------------------------------------------------------------------------
+# reproducibility
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes: write a temporary file in the same folder, fsync, then rename over the target,
+# so a crash or a full disk leaves the previous file whole.
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def save_json(obj, path):
+    with atomic_write(path, "w") as f:
+        json.dump(obj, f)
+
+
+def save_checkpoint(obj, path):
+    try:
+        with atomic_write(path, "wb") as f:
+            torch.save(obj, f)
+    except OSError as e:
+        raise OSError(f"could not write checkpoint {path}: {e.strerror or e} "
+                      "(the previous file, if any, is unchanged)") from e
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint written by train.py, with an error that names the file and the problem."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a torch checkpoint): {e}") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} was not written by train.py (no 'model'/'config' entries)")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO RLE
+def encode_mask(mask):
+    """Binary HxW mask -> COCO compressed RLE {'size': [h, w], 'counts': str}."""
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def decode_mask(rle):
+    """COCO RLE (counts as str or bytes) -> HxW uint8 mask."""
+    rle = dict(rle)
+    if isinstance(rle["counts"], str):
+        rle["counts"] = rle["counts"].encode("ascii")
+    return mask_utils.decode(rle)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation, the leaderboard's way: pycocotools COCOeval, iouType segm, maxDets (1, 10, 100)
+def coco_ground_truth(images):
+    """Build a pycocotools COCO object from [{'id', 'height', 'width', 'masks' (N,H,W), 'labels' (N,)}]."""
+    dataset = {"images": [], "annotations": [],
+               "categories": [{"id": k, "name": f"class{k}"} for k in range(1, NUM_CLASSES + 1)]}
+    ann_id = 1
+    for im in images:
+        dataset["images"].append({"id": int(im["id"]), "height": int(im["height"]), "width": int(im["width"])})
+        for mask, label in zip(im["masks"], im["labels"]):
+            rle = encode_mask(np.asarray(mask))
+            dataset["annotations"].append({
+                "id": ann_id, "image_id": int(im["id"]), "category_id": int(label), "iscrowd": 0,
+                "segmentation": rle, "area": float(mask_utils.area(_bytes_rle(rle))),
+                "bbox": [float(v) for v in mask_utils.toBbox(_bytes_rle(rle))]})
+            ann_id += 1
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = dataset
+        coco.createIndex()
+    return coco
+
+
+def _bytes_rle(rle):
+    return {"size": rle["size"], "counts": rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]}
+
+
+def coco_evaluate(coco_gt, results, max_dets=100, img_ids=None):
+    """Segmentation COCOeval of `results` (submission-format dicts) against `coco_gt`.
+
+    Returns {'ap50', 'ap', 'ap75', 'per_class_ap50': {k: ap}}; AP is NaN where the ground truth
+    has no instance (pycocotools' -1), and 0 where there are instances but no predictions.
+    """
+    img_ids = sorted(coco_gt.getImgIds()) if img_ids is None else list(img_ids)
+    has_gt = len(coco_gt.getAnnIds(imgIds=img_ids)) > 0
+    if not results:
+        zero = 0.0 if has_gt else float("nan")
+        return {"ap50": zero, "ap": zero, "ap75": zero,
+                "per_class_ap50": {k: (0.0 if coco_gt.getAnnIds(imgIds=img_ids, catIds=[k]) else float("nan"))
+                                   for k in range(1, NUM_CLASSES + 1)}}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes([dict(r, segmentation=_bytes_rle(r["segmentation"])) for r in results])
+        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev.params.imgIds = img_ids
+        ev.params.maxDets = [1, 10, max_dets]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = [float("nan") if s < 0 else float(s) for s in ev.stats]
+    # precision: [T iou thresholds, R recall, K categories, A areas, M maxDets]; area 'all', last maxDets
+    per_class = {}
+    for k_index, cat in enumerate(ev.params.catIds):
+        p = ev.eval["precision"][0, :, k_index, 0, -1]
+        p = p[p > -1]
+        per_class[int(cat)] = float(p.mean()) if p.size else float("nan")
+    return {"ap50": stats[1], "ap": stats[0], "ap75": stats[2], "per_class_ap50": per_class}
