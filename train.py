@@ -223,7 +223,7 @@ def main(argv=None):
         g["initial_lr"] = cfg["LR"]
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg["LR_FACTOR"],
                                                            patience=cfg["LR_PATIENCE"])
-    state = {"epoch": 0, "step": 0, "best_ap50": -math.inf, "bad_epochs": 0, "history": [], "finished": False}
+    state = {"epoch": 0, "step": 0, "best_ap50": -math.inf, "bad_epochs": 0, "history": [], "stopped_early": False}
 
     if cfg["RESUME"]:
         ckpt = load_checkpoint(run_dir / "last.pt")
@@ -243,7 +243,9 @@ def main(argv=None):
           f"device {device}")
 
     coco_gt = infer.val_ground_truth(val_set) if len(val_set) else None
-    while not state["finished"] and state["epoch"] < cfg["EPOCHS"]:
+    if state["stopped_early"] or state["epoch"] >= cfg["EPOCHS"]:
+        print(f"{run_dir} has finished training (epoch {state['epoch']}); nothing to do")
+    while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"]:
         t0 = time.time()
         train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state)
         state["epoch"] += 1
@@ -262,11 +264,10 @@ def main(argv=None):
             else:
                 state["bad_epochs"] += 1
                 if state["bad_epochs"] >= cfg["EARLY_STOP_PATIENCE"]:
-                    state["finished"] = True
+                    state["stopped_early"] = True
                     print(f"early stop: no better val AP50 for {state['bad_epochs']} epochs")
         row["epoch_seconds"] = time.time() - t0
         state["history"].append(row)
-        state["finished"] = state["finished"] or state["epoch"] >= cfg["EPOCHS"]
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "state": state, "config": cfg, "epoch": state["epoch"],
                 "train_ids": train_ids, "val_ids": val_ids, "rng": rng_state(), "loader_rng": generator.get_state()}

@@ -1,0 +1,45 @@
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download: a hub call fails at once
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = ROOT.parent / "shared" / "hw3-real"
+SAMPLE = SHARED / "sample_train" / "course-sample"
+
+# A CPU-sized model: timm's 0.4M-parameter test ResNet, thin FPN, few RoIs, small images.
+TINY = dict(BACKBONE="test_resnet", PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=False, FPN_CHANNELS=32,
+            ROI_BATCH_SIZE=64, MIN_SIZE=96, MAX_SIZE=160, LOSSES="stock")
+
+
+def tiny_args(**extra):
+    """TINY (plus extra) as train.py command-line arguments."""
+    import json
+    args = []
+    for k, v in {**TINY, **extra}.items():
+        flag = "--" + k.lower().replace("_", "-")
+        if isinstance(v, bool):
+            v = str(v).lower()
+        elif isinstance(v, (dict, list)):
+            v = json.dumps(v)
+        args += [flag, str(v)]
+    return args
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from dataset import make_demo_data
+    return make_demo_data(tmp_path_factory.mktemp("demo"), n_train=6, n_test=3, size_range=(64, 96), seed=1)
+
+
+@pytest.fixture
+def sample_dir(tmp_path):
+    """DATA_DIR holding the real course sample as train/course-sample."""
+    if not SAMPLE.is_dir():
+        pytest.skip(f"real sample not found at {SAMPLE}")
+    shutil.copytree(SAMPLE, tmp_path / "train" / "course-sample")
+    return tmp_path

@@ -1,0 +1,110 @@
+import json
+
+import pytest
+import torch
+
+import infer
+import train
+from conftest import TINY, tiny_args
+from dataset import CellDataset, collate, list_train_ids
+from model import build_model
+from utils import load_checkpoint
+
+
+def test_short_overfit_raises_ap50(demo_dir):
+    torch.manual_seed(0)
+    ids = list_train_ids(demo_dir)[:2]
+    data = CellDataset(demo_dir, ids, train=False)
+    model = build_model(TINY, detections_per_image=100)
+    gt = infer.val_ground_truth(data)
+    start, _ = infer.evaluate(model, data, "cpu", coco_gt=gt)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    batch = collate([data[0], data[1]])
+    for step in range(80):
+        model.train()
+        loss = sum(model(list(batch[0]), list(batch[1])).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    end, _ = infer.evaluate(model, data, "cpu", coco_gt=gt)
+    print(f"AP50 before {start['ap50']:.3f} after {end['ap50']:.3f}")
+    assert start["ap50"] < 0.05
+    assert end["ap50"] > start["ap50"] + 0.3
+
+
+@pytest.fixture(scope="module")
+def trained_run(demo_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run") / "r"
+    args = tiny_args(DATA_DIR=str(demo_dir), RUN_DIR=str(run_dir), EPOCHS=2, BATCH_SIZE=2, LR=1e-3,
+                     WARMUP_ITERS=2, VAL_FRACTION=0.34, NUM_WORKERS=0, VAL_DETECTIONS_PER_IMAGE=50)
+    train.main(args)
+    return run_dir, args
+
+
+def test_training_writes_the_run_folder(trained_run):
+    run_dir, _ = trained_run
+    for name in ("config.json", "split.json", "metrics.csv", "learning_curve.png", "last.pt", "best.pt"):
+        assert (run_dir / name).is_file(), name
+    rows = (run_dir / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("epoch,lr,train_loss") and len(rows) == 3
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["BACKBONE"] == TINY["BACKBONE"] and cfg["EPOCHS"] == 2
+    split = json.loads((run_dir / "split.json").read_text())
+    assert len(split["val"]) == 2 and len(split["train"]) == 4
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["config"] == cfg and ckpt["epoch"] == 2 and ckpt["val_ids"] == split["val"]
+
+
+def test_checkpoint_alone_rebuilds_the_same_model(trained_run, demo_dir):
+    run_dir, _ = trained_run
+    model, ckpt = infer.load_model(run_dir / "best.pt", "cpu", detections_per_image=30)
+    reference = build_model(ckpt["config"], load_pretrained=False, detections_per_image=30)
+    reference.load_state_dict(ckpt["model"])
+    reference.eval()
+    image, _ = CellDataset(demo_dir, ckpt["val_ids"])[0]
+    with torch.no_grad():
+        a, b = model([image])[0], reference([image])[0]
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["masks"], b["masks"])
+
+
+def test_infer_writes_a_valid_submission(trained_run, demo_dir, tmp_path):
+    run_dir, _ = trained_run
+    out = tmp_path / "test-results.json"
+    infer.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(demo_dir), "--output-json", str(out),
+                "--num-workers", "0", "--detections-per-image", "20", "--score-threshold", "0.0"])
+    results = json.loads(out.read_text())
+    table = json.loads((demo_dir / "test_image_name_to_ids.json").read_text())
+    assert infer.check_submission(results, table)
+    assert {r["image_id"] for r in results} == {rec["id"] for rec in table}  # score 0: every image has some
+    assert all(isinstance(r["segmentation"]["counts"], str) for r in results)
+    metrics = infer.main(["--checkpoint", str(run_dir / "best.pt"), "--eval", "true", "--num-workers", "0",
+                          "--detections-per-image", "50"])
+    assert 0.0 <= metrics["ap50"] <= 1.0
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"category_id": 5}, "category_id"), ({"image_id": 999}, "not in the test-id table"),
+    ({"segmentation": {"size": [1, 1], "counts": "01"}}, "mask size"),
+    ({"segmentation": {"size": [2, 2], "counts": b"04"}}, "must be a str")])
+def test_submission_check_refuses_bad_records(bad, message):
+    table = [{"file_name": "a.tif", "id": 1, "height": 2, "width": 2}]
+    good = {"image_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5, "category_id": 1,
+            "segmentation": {"size": [2, 2], "counts": "04"}}
+    assert infer.check_submission([good], table)
+    with pytest.raises(infer.SubmissionError, match=message):
+        infer.check_submission([dict(good, **bad)], table)
+
+
+def test_existing_run_is_not_overwritten_and_resume_continues(trained_run):
+    run_dir, args = trained_run
+    with pytest.raises(SystemExit, match="--resume"):
+        train.main(args)
+    before = load_checkpoint(run_dir / "last.pt")
+    train.main(["--run-dir", str(run_dir), "--resume", "--epochs", "3"])
+    after = load_checkpoint(run_dir / "last.pt")
+    assert after["epoch"] == 3 and len(after["state"]["history"]) == 3
+    assert after["state"]["history"][:2] == before["state"]["history"]
+    assert after["config"]["EPOCHS"] == 3 and after["config"]["BACKBONE"] == TINY["BACKBONE"]
+    mtime = (run_dir / "last.pt").stat().st_mtime_ns
+    train.main(["--run-dir", str(run_dir), "--resume"])  # finished: nothing is retrained
+    assert (run_dir / "last.pt").stat().st_mtime_ns == mtime
