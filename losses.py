@@ -1,34 +1,212 @@
-"""Training losses. For now torchvision's stock Mask R-CNN set, weighted per term:
+"""Training losses: torchvision's stock Mask R-CNN set, or the report's set, chosen by LOSSES.
 
-    loss_objectness, loss_rpn_box_reg   RPN: BCE objectness + smooth-L1 on anchor deltas
-    loss_classifier                     box head: cross-entropy over background + 4 classes
-    loss_box_reg                        box head: smooth-L1 on the ground-truth class's deltas
-    loss_mask                           mask head: per-pixel BCE on the 28x28 targets
+    term               stock                          ciou_dice_boundary       report
+    loss_objectness    RPN BCE                        stock                    stock
+    loss_rpn_box_reg   RPN smooth-L1                  stock                    stock
+    loss_classifier    cross-entropy                  cross-entropy            focal (alpha .25, gamma 2)
+    loss_box_reg       smooth-L1 on deltas            (weight 0)               (weight 0)
+    loss_box_ciou      -                              CIoU on decoded boxes    CIoU on decoded boxes
+    loss_mask          BCE on 28x28 targets           (weight 0)               (weight 0)
+    loss_dice          -                              Dice                     Dice
+    loss_boundary      -                              boundary (x0.1)          boundary (x0.1)
 
-LOSSES picks a preset; LOSS_WEIGHTS ({term: weight}) scales each term (missing terms weigh 1).
+Every term of a preset is computed and logged, also those it weighs 0; LOSS_WEIGHTS ({term:
+weight}) overrides a preset's weights, e.g. '{"loss_box_reg": 1}' adds smooth-L1 back to CIoU.
+
+The plug-in keeps torchvision's code: `LossRoIHeads` is torchvision's RoIHeads whose forward,
+in training only, swaps torchvision's two loss functions (`fastrcnn_loss`, `maskrcnn_loss`) for
+ours for the duration of the call. Proposals, sampling, heads, inference and the state_dict
+keys are torchvision's, so checkpoints load under any preset.
 """
-import torch
+import contextlib
 
-LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
-PRESETS = ("stock",)
+import torch
+import torch.nn.functional as F
+from torchvision.models.detection import roi_heads as tv_roi_heads
+from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
+from torchvision.ops import complete_box_iou_loss
+
+LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_box_ciou", "loss_mask", "loss_dice", "loss_boundary",
+              "loss_objectness", "loss_rpn_box_reg")
+_STOCK = {"loss_classifier": 1.0, "loss_box_reg": 1.0, "loss_mask": 1.0, "loss_objectness": 1.0,
+          "loss_rpn_box_reg": 1.0}
+_REPORT_TERMS = {"loss_box_reg": 0.0, "loss_box_ciou": 1.0, "loss_mask": 0.0, "loss_dice": 1.0, "loss_boundary": 0.1}
+PRESETS = {  # preset -> (classification loss, default weight of each term)
+    "stock": ("ce", _STOCK),
+    "ciou_dice_boundary": ("ce", {**_STOCK, **_REPORT_TERMS}),
+    "report": ("focal", {**_STOCK, **_REPORT_TERMS}),
+}
+FOCAL_ALPHA = 0.25
+FOCAL_GAMMA = 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# the terms
+def focal_loss(logits, labels, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA):
+    """Multi-class (softmax) focal loss of Lin et al. 2017, averaged over the sampled RoIs.
+
+    Per RoI: -alpha_t * (1 - p_t)^gamma * log p_t, with p_t the softmax probability of its label.
+    Background is class 0 of the softmax, a class like the others: an easy background RoI
+    (p_t near 1) is down-weighted by (1 - p_t)^gamma exactly as an easy cell is. alpha_t = alpha
+    for foreground RoIs and 1 for background RoIs (torchvision's sampler gives ~3 background RoIs
+    per cell RoI; alpha = 0.25 keeps RetinaNet's balance of the two). gamma = 0 and alpha = 1 is
+    cross-entropy. (torchvision.ops.sigmoid_focal_loss is the one-vs-all sigmoid form, not this.)
+    """
+    log_p = F.log_softmax(logits, dim=-1)
+    log_pt = log_p.gather(1, labels[:, None])[:, 0]
+    pt = log_pt.exp()
+    alpha_t = torch.where(labels > 0, torch.full_like(pt, alpha), torch.ones_like(pt))
+    loss = -alpha_t * (1.0 - pt).clamp(min=0).pow(gamma) * log_pt
+    return loss.sum() / max(labels.numel(), 1)
+
+
+def dice_loss(mask_logits, targets, eps=1.0):
+    """1 - soft Dice per RoI (sigmoid probabilities vs 28x28 targets), averaged over RoIs.
+    eps smooths empty targets: an empty prediction of an empty target costs 0."""
+    p = mask_logits.sigmoid().flatten(1)
+    t = targets.flatten(1)
+    dice = (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
+    return (1 - dice).mean()
+
+
+def _squared_distance_to(points):
+    """(M,H,W) bool -> squared Euclidean distance of every pixel to the nearest True pixel (inf if none).
+
+    Exact separable distance transform done as two brute-force 1-D min-plus passes, which is
+    cheap at 28x28 (M*28^3 per pass), stays on the tensor's device (no GPU->CPU sync) and
+    batches all RoIs; scipy.ndimage.distance_transform_edt would need a host round trip per step.
+    """
+    m, h, w = points.shape
+    f = torch.where(points, 0.0, float("inf")).to(torch.float32)
+    ax = torch.arange(w, device=points.device, dtype=torch.float32)
+    ay = torch.arange(h, device=points.device, dtype=torch.float32)
+    g = (f[:, :, None, :] + (ax[:, None] - ax[None, :]) ** 2).amin(-1)  # along x: (M,H,W)
+    return (g.transpose(1, 2)[:, :, None, :] + (ay[:, None] - ay[None, :]) ** 2).amin(-1).transpose(1, 2)
+
+
+def signed_distance(targets):
+    """Signed distance map of binary (M,H,W) targets as in Kervadec et al. 2019: outside, the
+    distance to the object; inside, minus (distance to the background - 1). Zero for a target
+    that is empty or full (no boundary to measure from)."""
+    t = targets > 0.5
+    d_out = _squared_distance_to(t).sqrt()
+    d_in = _squared_distance_to(~t).sqrt()
+    phi = torch.where(t, -(d_in - 1), d_out)
+    has_boundary = t.flatten(1).any(1) & (~t).flatten(1).any(1)
+    return torch.where(has_boundary[:, None, None], phi, torch.zeros_like(phi))
+
+
+def boundary_loss(mask_logits, targets):
+    """Boundary loss (Kervadec et al. 2019): mean over pixels of foreground probability times the
+    target's signed distance map; lowest when the prediction is exactly the target."""
+    with torch.no_grad():
+        phi = signed_distance(targets)
+    return (mask_logits.sigmoid() * phi).mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# the plug-in
+class LossRoIHeads(RoIHeads):
+    """torchvision RoIHeads computing the preset's box and mask losses (training only)."""
+
+    loss_classification = "ce"
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes, targets)
+        extra = {}
+        box_coder = self.box_coder
+        classification = self.loss_classification
+        sampled = {}
+
+        def select_training_samples(proposals, targets):  # keep the sampled proposals for decoding
+            out = RoIHeads.select_training_samples(self, proposals, targets)
+            sampled["proposals"] = out[0]
+            return out
+
+        def fastrcnn_loss(class_logits, box_regression, labels, regression_targets):
+            labels = torch.cat(labels, 0)
+            regression_targets = torch.cat(regression_targets, 0)
+            proposals = torch.cat(sampled["proposals"], 0)
+            if classification == "focal":
+                loss_cls = focal_loss(class_logits, labels)
+            else:
+                loss_cls = F.cross_entropy(class_logits, labels)
+            pos = torch.where(labels > 0)[0]
+            deltas = box_regression.reshape(len(labels), -1, 4)[pos, labels[pos]]
+            smooth_l1 = F.smooth_l1_loss(deltas, regression_targets[pos], beta=1 / 9, reduction="sum") / labels.numel()
+            # CIoU on boxes: decode the predicted deltas of the ground-truth class and the
+            # regression targets (= the matched ground-truth boxes) against the same proposals.
+            pred_boxes = box_coder.decode_single(deltas, proposals[pos])
+            gt_boxes = box_coder.decode_single(regression_targets[pos], proposals[pos])
+            # normalised by all sampled RoIs, like torchvision's smooth-L1 and detectron2's GIoU
+            extra["loss_box_ciou"] = complete_box_iou_loss(pred_boxes, gt_boxes, reduction="sum") / labels.numel()
+            return loss_cls, smooth_l1
+
+        def maskrcnn_loss(mask_logits, mask_proposals, gt_masks, gt_labels, mask_matched_idxs):
+            size = mask_logits.shape[-1]
+            labels = torch.cat([lab[i] for lab, i in zip(gt_labels, mask_matched_idxs)], 0)
+            mask_targets = torch.cat([project_masks_on_boxes(m, p, i, size)
+                                      for m, p, i in zip(gt_masks, mask_proposals, mask_matched_idxs)], 0)
+            if mask_targets.numel() == 0:
+                zero = mask_logits.sum() * 0
+                extra["loss_dice"] = extra["loss_boundary"] = zero
+                return zero
+            logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
+            extra["loss_dice"] = dice_loss(logits, mask_targets)
+            extra["loss_boundary"] = boundary_loss(logits, mask_targets)
+            return F.binary_cross_entropy_with_logits(logits, mask_targets)
+
+        with _patched(tv_roi_heads, fastrcnn_loss=fastrcnn_loss, maskrcnn_loss=maskrcnn_loss), \
+                _patched(self, select_training_samples=select_training_samples):
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+        if "loss_mask" in losses and "loss_dice" not in extra:  # no positive RoI in the batch
+            extra["loss_dice"] = extra["loss_boundary"] = losses["loss_mask"] * 0
+        losses.update(extra)
+        return result, losses
+
+
+@contextlib.contextmanager
+def _patched(obj, **attrs):
+    """Temporarily set attributes (module functions or instance methods) for one forward call."""
+    old = {k: obj.__dict__.get(k, _MISSING) for k in attrs}
+    try:
+        for k, v in attrs.items():
+            setattr(obj, k, v)
+        yield
+    finally:
+        for k, v in old.items():
+            if v is _MISSING:
+                delattr(obj, k)
+            else:
+                setattr(obj, k, v)
+
+
+_MISSING = object()
 
 
 def configure_losses(model, preset="stock"):
-    """Install the preset's losses in a torchvision MaskRCNN (stock: torchvision's own)."""
+    """Install the preset's losses in a torchvision MaskRCNN (stock: torchvision's own heads)."""
     if preset not in PRESETS:
         raise ValueError(f"LOSSES={preset!r} is not a known preset; choose one of {', '.join(PRESETS)}")
+    if preset == "stock":
+        model.roi_heads.__class__ = RoIHeads
+    else:
+        model.roi_heads.__class__ = LossRoIHeads
+        model.roi_heads.loss_classification = PRESETS[preset][0]
     return model
 
 
-def weighted_total(loss_dict, weights=None):
-    """Sum of the loss terms, each scaled by its weight in `weights` (default 1)."""
-    weights = weights or {}
-    unknown = set(weights) - set(loss_dict)
+def preset_weights(preset, overrides=None):
+    """The preset's weight of each term, updated by LOSS_WEIGHTS."""
+    weights = dict(PRESETS[preset][1])
+    unknown = set(overrides or {}) - set(LOSS_TERMS)
     if unknown:
-        raise ValueError(f"LOSS_WEIGHTS names unknown loss terms {sorted(unknown)}; terms are {sorted(loss_dict)}")
-    return sum(loss * float(weights.get(name, 1.0)) for name, loss in loss_dict.items())
+        raise ValueError(f"LOSS_WEIGHTS names unknown loss terms {sorted(unknown)}; terms are {list(LOSS_TERMS)}")
+    weights.update({k: float(v) for k, v in (overrides or {}).items()})
+    return weights
 
 
-def check_finite(loss_dict):
-    """True if every term is finite (a NaN/inf step is skipped rather than poisoning the weights)."""
-    return all(torch.isfinite(v).all() for v in loss_dict.values())
+def weighted_total(loss_dict, weights):
+    """Sum of the loss terms, each scaled by its weight (a term the weights do not name weighs 0)."""
+    return sum(loss * weights.get(name, 0.0) for name, loss in loss_dict.items())

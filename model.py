@@ -17,6 +17,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from losses import configure_losses
 from utils import NUM_CLASSES
 
 ANCHOR_SIZES = ((4, 8), (16, 32), (32, 64), (64, 128), (128, 256))  # one pair per FPN level P2..P6
@@ -120,7 +121,7 @@ def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0
         box_detections_per_img=detections_per_image,
         box_batch_size_per_image=cfg.get("ROI_BATCH_SIZE", 512),
     )
-    return model
+    return configure_losses(model, cfg.get("LOSSES", "stock"))
 
 
 def load_weights(model, ckpt, path="checkpoint"):

@@ -49,8 +49,8 @@ VAL_FRACTION = 0.1
 VAL_DETECTIONS_PER_IMAGE = 1000  # as the submission keeps
 MASK_THRESHOLD = 0.5          # for validation AP
 SEED = 42
-LOSSES = "stock"              # loss preset, see losses.py
-LOSS_WEIGHTS = {}             # {"loss_mask": 2.0, ...}; missing terms weigh 1
+LOSSES = "stock"              # loss preset: stock | ciou_dice_boundary | report (losses.py)
+LOSS_WEIGHTS = {}             # {"loss_boundary": 0.5, ...}: overrides the preset's weight of a term
 NUM_WORKERS = 2
 DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ...
 RESUME = False                # continue RUN_DIR from its last.pt
@@ -61,7 +61,7 @@ DEMO = False                  # synthetic data + the CPU settings below, then in
 # scratch on ~130 px synthetic images, sized to finish on a 2-core CPU in a few minutes.
 DEMO_SETTINGS = dict(
     DATA_DIR="data/demo", BACKBONE="resnet18", PRETRAINED=False, FREEZE_BN=False, FPN_CHANNELS=64,
-    ROI_BATCH_SIZE=128, MIN_SIZE=128, MAX_SIZE=192, EPOCHS=14, BATCH_SIZE=2, LR=1e-3, WARMUP_ITERS=20,
+    ROI_BATCH_SIZE=128, MIN_SIZE=128, MAX_SIZE=192, EPOCHS=10, BATCH_SIZE=2, LR=1e-3, WARMUP_ITERS=20,
     VAL_FRACTION=0.2, VAL_DETECTIONS_PER_IMAGE=200, NUM_WORKERS=0, EARLY_STOP_PATIENCE=5,
 )
 METRIC_FIELDS = ["epoch", "lr", "train_loss", *losses.LOSS_TERMS, "val_loss", "val_ap50", "val_ap",
@@ -79,6 +79,8 @@ def resolve_config(argv=None):
         given = set(saved) | given
     if cfg["DEMO"]:
         cfg.update({k: v for k, v in DEMO_SETTINGS.items() if k not in given})
+    if cfg["LOSSES"] not in losses.PRESETS:
+        raise SystemExit(f"--losses {cfg['LOSSES']!r} is not a preset; choose one of {', '.join(losses.PRESETS)}")
     if not cfg["RUN_DIR"]:
         if cfg["RESUME"]:
             raise SystemExit("--resume needs --run-dir: the run folder to continue")
@@ -97,7 +99,7 @@ def to_device(images, targets, device):
     return images, targets
 
 
-def train_one_epoch(model, loader, optimizer, device, cfg, state):
+def train_one_epoch(model, loader, optimizer, device, cfg, state, weights):
     """One pass over the training split; returns the mean of each loss term and the step count skipped."""
     model.train()
     sums, steps, skipped_in_a_row, skipped = {}, 0, 0, 0
@@ -110,7 +112,7 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state):
                 g["lr"] = g["initial_lr"] * (0.001 + 0.999 * (state["step"] + 1) / warmup)
         images, targets = to_device(images, targets, device)
         loss_dict = model(images, targets)
-        loss = losses.weighted_total(loss_dict, cfg["LOSS_WEIGHTS"])
+        loss = losses.weighted_total(loss_dict, weights)
         state["step"] += 1
         if not torch.isfinite(loss):
             skipped += 1
@@ -139,7 +141,7 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state):
 
 
 @torch.no_grad()
-def validation_loss(model, loader, device, cfg):
+def validation_loss(model, loader, device, weights):
     """Mean weighted loss on the val split: torchvision computes losses only in train mode, so run
     train mode with every normalisation layer in eval mode (statistics untouched) and no gradients."""
     model.train()
@@ -149,7 +151,7 @@ def validation_loss(model, loader, device, cfg):
     total, n = 0.0, 0
     for images, targets in loader:
         images, targets = to_device(images, targets, device)
-        total += float(losses.weighted_total(model(images, targets), cfg["LOSS_WEIGHTS"]))
+        total += float(losses.weighted_total(model(images, targets), weights))
         n += 1
     model.eval()
     return total / max(n, 1)
@@ -216,7 +218,7 @@ def main(argv=None):
     # ---- model, optimiser, schedule --------------------------------------------------------------
     model = build_model(cfg, load_pretrained=not cfg["RESUME"],
                         detections_per_image=cfg["VAL_DETECTIONS_PER_IMAGE"]).to(device)
-    losses.configure_losses(model, cfg["LOSSES"])
+    weights = losses.preset_weights(cfg["LOSSES"], cfg["LOSS_WEIGHTS"])
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"])
     for g in optimizer.param_groups:
@@ -247,13 +249,13 @@ def main(argv=None):
         print(f"{run_dir} has finished training (epoch {state['epoch']}); nothing to do")
     while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"]:
         t0 = time.time()
-        train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state)
+        train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state, weights)
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
         improved = True  # with no val split, the latest weights are the best we know
         if coco_gt is not None:
-            row["val_loss"] = validation_loss(model, val_loader, device, cfg)
+            row["val_loss"] = validation_loss(model, val_loader, device, weights)
             metrics, _ = infer.evaluate(model, val_set, device, cfg["MASK_THRESHOLD"], coco_gt)
             row["val_ap50"], row["val_ap"] = metrics["ap50"], metrics["ap"]
             ap50 = metrics["ap50"] if not math.isnan(metrics["ap50"]) else -math.inf
