@@ -168,6 +168,22 @@ def list_train_ids(data_dir):
     return ids
 
 
+def check_train_data(data_dir, ids):
+    """Read every training image and its class files once, before any training, so a bad file stops
+    the run at once with a DataError naming it. Returns {'images', 'instances' per class, 'negatives'}:
+    images without any instance are kept as negative examples (the model learns background there)."""
+    train_dir = Path(data_dir) / "train"
+    instances, negatives = [0] * NUM_CLASSES, []
+    for i in ids:
+        image = read_image(train_dir / i / "image.tif")
+        labels = read_label_maps(train_dir / i, image.shape)
+        counts = [int(np.unique(labels[..., k][labels[..., k] > 0]).size) for k in range(NUM_CLASSES)]
+        instances = [a + b for a, b in zip(instances, counts)]
+        if not any(counts):
+            negatives.append(i)
+    return {"images": len(ids), "instances": instances, "negatives": negatives}
+
+
 def split_ids(ids, val_fraction, seed):
     """Seeded train/val split of sample ids: (train_ids, val_ids), each sorted."""
     ids = sorted(ids)

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from dataset import CellDataset, DataError, TestDataset, collate
 from model import build_model, load_weights, set_inference_params
 import utils
-from utils import apply_overrides, coco_evaluate, coco_ground_truth, load_checkpoint, save_json
+from utils import CheckpointError, apply_overrides, coco_evaluate, coco_ground_truth, load_checkpoint, save_json
 
 # ---- constants (each one can be overridden: --score-threshold 0.1, --eval true, ...) ----------
 CHECKPOINT = ""               # '' = the newest runs/*/best.pt
@@ -169,11 +169,17 @@ def main(argv=None):
     write_submission(results, dataset.table, cfg["OUTPUT_JSON"])
     print(f"wrote {cfg['OUTPUT_JSON']}: {len(results)} detections on {len(dataset)} images "
           f"in {time.time() - t0:.1f}s")
+    empty = len(dataset) - len({r["image_id"] for r in results})
+    if empty:
+        print(f"note: {empty} image(s) have no detection above SCORE_THRESHOLD (valid: they simply score 0)")
+    if dataset.unlisted:
+        print(f"warning: skipped {len(dataset.unlisted)} unlisted file(s) in {dataset.dir}: "
+              + ", ".join(dataset.unlisted[:5]) + (" ..." if len(dataset.unlisted) > 5 else ""), file=sys.stderr)
     return cfg["OUTPUT_JSON"]
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, SubmissionError) as e:
+    except (DataError, SubmissionError, CheckpointError, OSError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -18,7 +18,7 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScale
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from losses import configure_losses
-from utils import NUM_CLASSES
+from utils import NUM_CLASSES, CheckpointError
 
 ANCHOR_SIZES = ((4, 8), (16, 32), (32, 64), (64, 128), (128, 256))  # one pair per FPN level P2..P6
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
@@ -125,14 +125,19 @@ def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0
 
 
 def load_weights(model, ckpt, path="checkpoint"):
-    """Load a checkpoint's weights, naming the mismatch (other backbone, other class count) if any."""
+    """Load a checkpoint's weights; a checkpoint of another backbone or class count is refused with
+    a message that says which and why."""
+    state = ckpt["model"]
+    trained = ckpt.get("config", {}).get("BACKBONE")
+    cls = state.get("roi_heads.box_predictor.cls_score.weight")
+    if cls is not None and cls.shape[0] != NUM_CLASSES + 1:
+        raise CheckpointError(f"{path} predicts {cls.shape[0] - 1} classes, this model {NUM_CLASSES}: "
+                              "it was not trained for HW3's four cell classes")
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError as e:
-        cfg = ckpt.get("config", {})
-        raise RuntimeError(f"{path} does not fit this model (it was trained with BACKBONE="
-                           f"{cfg.get('BACKBONE')!r} and {NUM_CLASSES + 1} classes expected): "
-                           f"{str(e).splitlines()[0]}") from e
+        raise CheckpointError(f"{path} does not fit this model (checkpoint BACKBONE={trained!r}; the weights "
+                              f"differ in shape or names): {str(e).splitlines()[0]} ...") from None
     return model
 
 

@@ -20,9 +20,9 @@ from tqdm import tqdm
 
 import infer
 import losses
-from dataset import CellDataset, DataError, collate, list_train_ids, make_demo_data, split_ids
-from model import PretrainedWeightsError, build_model
-from utils import (apply_overrides, atomic_write, load_checkpoint, rng_state, save_checkpoint, save_json,
+from dataset import CellDataset, DataError, check_train_data, collate, list_train_ids, make_demo_data, split_ids
+from model import PretrainedWeightsError, build_model, load_weights
+from utils import (CheckpointError, apply_overrides, atomic_write, load_checkpoint, rng_state, save_checkpoint, save_json,
                    seed_everything, set_rng_state)
 
 # ---- constants (each one can be overridden: --epochs 3, --pretrained false, ...) --------------
@@ -204,7 +204,12 @@ def main(argv=None):
     device = pick_device(cfg["DEVICE"])
 
     # ---- data ------------------------------------------------------------------------------------
-    train_ids, val_ids = split_ids(list_train_ids(cfg["DATA_DIR"]), cfg["VAL_FRACTION"], cfg["SEED"])
+    all_ids = list_train_ids(cfg["DATA_DIR"])
+    summary = check_train_data(cfg["DATA_DIR"], all_ids)
+    print(f"data {cfg['DATA_DIR']}: {summary['images']} images, instances per class {summary['instances']}"
+          + (f"; {len(summary['negatives'])} image(s) without class files kept as negative examples"
+             f" (e.g. {summary['negatives'][0]})" if summary["negatives"] else ""))
+    train_ids, val_ids = split_ids(all_ids, cfg["VAL_FRACTION"], cfg["SEED"])
     train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True)
     val_set = CellDataset(cfg["DATA_DIR"], val_ids, train=False)
     generator = torch.Generator().manual_seed(cfg["SEED"])
@@ -229,7 +234,7 @@ def main(argv=None):
 
     if cfg["RESUME"]:
         ckpt = load_checkpoint(run_dir / "last.pt")
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, run_dir / "last.pt")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
@@ -292,5 +297,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, PretrainedWeightsError, FloatingPointError) as e:
+    except (DataError, PretrainedWeightsError, FloatingPointError, CheckpointError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
