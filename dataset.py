@@ -219,6 +219,9 @@ class CellDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         image, labels = self.load(index)
         if self.augment is not None:
+            # albumentations keeps its own RNG: seed it from torch's, which train.py seeds (and which
+            # DataLoader seeds per worker), so augmentation is reproducible and resumable
+            self.augment.set_random_seed(int(torch.randint(0, 2**31 - 1, ())))
             out = self.augment(image=image, mask=labels)
             image, labels = out["image"], out["mask"]
         masks, classes, boxes = instances_from_labels(labels)

@@ -45,6 +45,10 @@ def test_augmentation_only_on_training_split(demo_dir):
     np.random.seed(0)
     seen = {tuple(train[0][0].flatten()[:50].tolist()) for _ in range(8)}
     assert len(seen) > 1
+    torch.manual_seed(5)
+    first = train[0][0]
+    torch.manual_seed(5)
+    assert torch.equal(first, CellDataset(demo_dir, ids, train=True)[0][0])  # seeded by torch's RNG
     # boxes follow the augmented masks
     _, t = train[0]
     for mask, box in zip(t["masks"].numpy(), t["boxes"].numpy()):
