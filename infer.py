@@ -13,7 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from tqdm import tqdm
 
 from dataset import CellDataset, DataError, TestDataset, collate
@@ -63,19 +65,69 @@ def load_model(checkpoint, device, score_threshold=SCORE_THRESHOLD, nms_threshol
     return model.to(device).eval(), ckpt
 
 
-def to_results(output, image_id, mask_threshold):
-    """One image's model output -> submission records (bbox xywh, RLE with str counts)."""
-    boxes = output["boxes"].detach().cpu().numpy()
+def paste_in_box(mask, box, im_h, im_w, threshold):
+    """One MxM mask probability map pasted into its box only, thresholded: (region bool, y0, x0).
+
+    The same arithmetic as torchvision's paste_mask_in_image (integer box after the 1-pixel
+    padding of expand_masks/expand_boxes, bilinear resize, clip to the image), so the pixels
+    equal the stock path's, without the full-size canvas."""
+    w = max(int(box[2] - box[0] + 1), 1)
+    h = max(int(box[3] - box[1] + 1), 1)
+    resized = F.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    x0, x1 = max(int(box[0]), 0), min(int(box[2]) + 1, im_w)
+    y0, y1 = max(int(box[1]), 0), min(int(box[3]) + 1, im_h)
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros((0, 0), bool), 0, 0
+    region = resized[y0 - int(box[1]):y1 - int(box[1]), x0 - int(box[0]):x1 - int(box[0])] > threshold
+    return region.cpu().numpy(), y0, x0
+
+
+def region_rle(region, y0, x0, height, width):
+    """COCO compressed RLE of a full HxW mask that is `region` at (y0, x0) and 0 elsewhere, built from
+    the region's runs alone (pycocotools encodes only full-size arrays)."""
+    if region.size == 0 or not region.any():
+        counts = [height * width]
+    else:
+        columns = np.pad(region.T, ((0, 0), (1, 1))).astype(np.int8)  # image columns (RLE is column-major)
+        step = np.diff(columns, axis=1)
+        cs, rs = np.nonzero(step == 1)
+        ce, re = np.nonzero(step == -1)
+        starts = (x0 + cs) * height + y0 + rs
+        ends = (x0 + ce) * height + y0 + re
+        joined = ends[:-1] == starts[1:]  # a run that ends a column and goes on at the next one's top
+        starts, ends = starts[np.r_[True, ~joined]], ends[np.r_[~joined, True]]
+        counts = np.empty(2 * len(starts) + 1, np.int64)
+        counts[0] = starts[0]
+        counts[2:-1:2] = starts[1:] - ends[:-1]
+        counts[1::2] = ends - starts
+        counts[-1] = height * width - ends[-1]
+        counts = counts.tolist()
+        if counts[-1] == 0:
+            counts.pop()
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def to_results(output, image_id, mask_threshold, image_size):
+    """One image's model output -> submission records (bbox xywh, RLE with str counts).
+
+    Each box-relative mask is pasted into its box region and encoded from there: memory grows with
+    the image, not with detections x image."""
+    boxes = output["boxes"].detach().cpu()
     if len(boxes) == 0:
         return []
-    masks = (output["masks"][:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    height, width = (int(v) for v in image_size)
+    probs = output["mask_probs"].detach().cpu().float()
+    probs, scale = expand_masks(probs, padding=1)
+    pasted_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
     results = []
-    for box, score, label, rle in zip(boxes, output["scores"].tolist(), output["labels"].tolist(), rles):
-        x0, y0, x1, y1 = (float(v) for v in box)
-        results.append({"image_id": int(image_id), "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score),
-                        "category_id": int(label),
-                        "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}})
+    for prob, pbox, box, score, label in zip(probs[:, 0], pasted_boxes, boxes.tolist(), output["scores"].tolist(),
+                                             output["labels"].tolist()):
+        region, y0, x0 = paste_in_box(prob, pbox, height, width, mask_threshold)
+        x_min, y_min, x_max, y_max = box
+        results.append({"image_id": int(image_id), "bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
+                        "score": float(score), "category_id": int(label),
+                        "segmentation": region_rle(region, y0, x0, height, width)})
     return results
 
 
@@ -86,8 +138,8 @@ def predict(model, loader, device, mask_threshold, image_id_of, desc="predict"):
     results = []
     for images, metas in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         outputs = model([im.to(device, non_blocking=True) for im in images])
-        for out, meta in zip(outputs, metas):
-            results.extend(to_results(out, image_id_of(meta), mask_threshold))
+        for out, meta, image in zip(outputs, metas, images):
+            results.extend(to_results(out, image_id_of(meta), mask_threshold, image.shape[-2:]))
     return results
 
 

@@ -116,7 +116,7 @@ def test_each_preset_trains_a_step_then_predicts(demo_dir, preset):
     model.eval()
     with torch.no_grad():
         out = model([image])[0]
-    assert len(out["boxes"]) <= 20 and out["masks"].shape[1:] == (1,) + image.shape[1:]
+    assert len(out["boxes"]) <= 20 and out["mask_probs"].shape[1:] == (1, 28, 28)
 
 
 def test_report_preset_configuration():

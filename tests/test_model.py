@@ -31,7 +31,7 @@ def test_tiny_model_trains_a_step_and_predicts(demo_dir):
     with torch.no_grad():
         out = model([im0])[0]
     n = len(out["boxes"])
-    assert n <= 50 and out["masks"].shape == (n, 1) + im0.shape[1:] and ((out["labels"] >= 1) & (out["labels"] <= 4)).all()
+    assert n <= 50 and out["mask_probs"].shape == (n, 1, 28, 28) and ((out["labels"] >= 1) & (out["labels"] <= 4)).all()
 
 
 def test_report_architecture():
