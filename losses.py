@@ -15,7 +15,7 @@ weight}) overrides a preset's weights, e.g. '{"loss_box_reg": 1}' adds smooth-L1
 
 The plug-in keeps torchvision's code: `LossRoIHeads` is torchvision's RoIHeads whose forward,
 in training only, swaps torchvision's two loss functions (`fastrcnn_loss`, `maskrcnn_loss`) for
-ours for the duration of the call. Proposals, sampling, heads, inference and the state_dict
+ours for the duration of the call (with `stock`, only the memory-lean mask-target projection). Proposals, sampling, heads, inference and the state_dict
 keys are torchvision's, so checkpoints load under any preset.
 """
 import contextlib
@@ -23,8 +23,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torchvision.models.detection import roi_heads as tv_roi_heads
-from torchvision.models.detection.roi_heads import RoIHeads, project_masks_on_boxes
-from torchvision.ops import complete_box_iou_loss
+from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.ops import complete_box_iou_loss, roi_align
 
 LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_box_ciou", "loss_mask", "loss_dice", "loss_boundary",
               "loss_objectness", "loss_rpn_box_reg")
@@ -104,16 +104,39 @@ def boundary_loss(mask_logits, targets):
     return (mask_logits.sigmoid() * phi).mean()
 
 
+def project_masks_on_boxes(gt_masks, boxes, matched_idxs, M):
+    """torchvision's project_masks_on_boxes (the MxM mask targets of the positive RoIs) without its
+    float32 copy of every ground-truth mask of the image: each RoI's matched mask is cropped to the
+    RoI plus a margin before roi_align, which samples only inside the RoI, so the values are the same."""
+    if len(boxes) == 0:
+        return torch.zeros((0, M, M), dtype=torch.float32, device=gt_masks.device)
+    h, w = gt_masks.shape[-2:]
+    b = boxes.detach()
+    crops = torch.stack([(b[:, 0].floor() - 1).clamp(0, w), (b[:, 1].floor() - 1).clamp(0, h),
+                         (b[:, 2].ceil() + 2).clamp(0, w), (b[:, 3].ceil() + 2).clamp(0, h)], 1)
+    targets = []
+    for (x0, y0, x1, y1), box, idx in zip(crops.long().tolist(), b, matched_idxs.tolist()):  # one host sync
+        crop = gt_masks[idx, y0:y1, x0:x1][None, None].float()
+        roi = torch.cat([box.new_zeros(1), box - box.new_tensor([x0, y0, x0, y0])])[None]
+        targets.append(roi_align(crop, roi, (M, M), 1.0)[0, 0])
+    return torch.stack(targets)
+
+
 # ----------------------------------------------------------------------------------------------
 # the plug-in
 class LossRoIHeads(RoIHeads):
-    """torchvision RoIHeads computing the preset's box and mask losses (training only)."""
+    """torchvision RoIHeads computing the preset's box and mask losses (training only). With the
+    stock preset only the mask-target projection is swapped (for the lean one above)."""
 
+    preset = "stock"
     loss_classification = "ce"
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if not self.training:
             return super().forward(features, proposals, image_shapes, targets)
+        if self.preset == "stock":
+            with _patched(tv_roi_heads, project_masks_on_boxes=project_masks_on_boxes):
+                return super().forward(features, proposals, image_shapes, targets)
         extra = {}
         box_coder = self.box_coder
         classification = self.loss_classification
@@ -189,11 +212,9 @@ def configure_losses(model, preset="stock"):
     """Install the preset's losses in a torchvision MaskRCNN (stock: torchvision's own heads)."""
     if preset not in PRESETS:
         raise ValueError(f"LOSSES={preset!r} is not a known preset; choose one of {', '.join(PRESETS)}")
-    if preset == "stock":
-        model.roi_heads.__class__ = RoIHeads
-    else:
-        model.roi_heads.__class__ = LossRoIHeads
-        model.roi_heads.loss_classification = PRESETS[preset][0]
+    model.roi_heads.__class__ = LossRoIHeads
+    model.roi_heads.preset = preset
+    model.roi_heads.loss_classification = PRESETS[preset][0]
     return model
 
 

@@ -97,6 +97,25 @@ class BoxMaskTransform(GeneralizedRCNNTransform):
     float images is what makes stock inference slow and memory-hungry at 1000 detections
     (1000 x 2500 x 1987 floats = 20 GB); infer.to_results pastes each into its box region only."""
 
+    mask_chunk = 32  # ground-truth masks resized this many at a time
+
+    def resize(self, image, target=None):
+        """torchvision's resize, but ground-truth masks stay uint8 and are resized in chunks: the
+        stock path makes one float32 copy of all N masks at full size (772 masks of 1731x2162 px
+        would take 11 GB). Same nearest-neighbour result."""
+        masks = target.pop("masks") if target is not None and "masks" in target else None
+        image, target = super().resize(image, target)
+        if masks is not None:
+            size = tuple(image.shape[-2:])
+            if tuple(masks.shape[-2:]) != size:
+                out = torch.empty((len(masks), *size), dtype=torch.uint8, device=masks.device)
+                for i in range(0, len(masks), self.mask_chunk):
+                    chunk = masks[i:i + self.mask_chunk, None].float()
+                    out[i:i + self.mask_chunk] = torch.nn.functional.interpolate(chunk, size=size)[:, 0].to(torch.uint8)
+                masks = out
+            target["masks"] = masks
+        return image, target
+
     def postprocess(self, result, image_shapes, original_image_sizes):
         if self.training:
             return result

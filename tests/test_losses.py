@@ -123,10 +123,26 @@ def test_report_preset_configuration():
     """report = focal classification, smooth-L1 and BCE weighed 0 unless LOSS_WEIGHTS says otherwise."""
     torch.manual_seed(0)
     model = build_model(dict(TINY, LOSSES="report"))
-    assert model.roi_heads.loss_classification == "focal"
+    assert model.roi_heads.loss_classification == "focal" and model.roi_heads.preset == "report"
     assert losses.preset_weights("report")["loss_box_reg"] == 0.0
     assert losses.preset_weights("report", {"loss_box_reg": 1})["loss_box_reg"] == 1.0
     with pytest.raises(ValueError, match="unknown loss terms"):
         losses.preset_weights("report", {"loss_focal": 1})
     with pytest.raises(ValueError, match="not a known preset"):
         build_model(dict(TINY, LOSSES="fancy"))
+
+
+def test_preset_survives_the_checkpoint_round_trip(tmp_path, demo_dir):
+    import infer
+    from utils import save_checkpoint
+    cfg = dict(TINY, LOSSES="report", LOSS_WEIGHTS={"loss_boundary": 0.5})
+    model = build_model(cfg)
+    save_checkpoint({"model": model.state_dict(), "config": cfg}, tmp_path / "best.pt")
+    loaded, ckpt = infer.load_model(tmp_path / "best.pt", "cpu", detections_per_image=10)
+    assert isinstance(loaded.roi_heads, losses.LossRoIHeads) and loaded.roi_heads.loss_classification == "focal"
+    assert ckpt["config"]["LOSS_WEIGHTS"] == {"loss_boundary": 0.5}
+    image, target = CellDataset(demo_dir, list_train_ids(demo_dir)[:1])[0]
+    with torch.no_grad():
+        assert len(loaded([image])[0]["boxes"]) <= 10
+    loaded.train()
+    assert "loss_boundary" in loaded([image], [target])
