@@ -45,6 +45,8 @@ LR_PATIENCE = 2               # ReduceLROnPlateau on val AP50 ...
 LR_FACTOR = 0.5               # ... multiplies the LR by this
 EARLY_STOP_PATIENCE = 7       # stop after this many epochs without a better val AP50
 GRAD_CLIP = 10.0              # max gradient norm; 0 = off
+AMP = "auto"                  # mixed precision for training: auto (CUDA: bf16 if supported, else fp16 +
+                              # GradScaler, e.g. T4; CPU: off) | fp16 | bf16 | off
 VAL_FRACTION = 0.1
 VAL_DETECTIONS_PER_IMAGE = 1000  # as the submission keeps
 MASK_THRESHOLD = 0.5          # for validation AP
@@ -92,6 +94,20 @@ def pick_device(name):
     return infer.pick_device(name)
 
 
+def amp_dtype(setting, device):
+    """The autocast dtype for AMP on this device, or None for full precision."""
+    setting = setting.lower()
+    if setting not in ("auto", "fp16", "bf16", "off"):
+        raise SystemExit(f"--amp {setting!r}: choose auto, fp16, bf16 or off")
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if setting == "fp16" and device.type != "cuda":
+        raise SystemExit("--amp fp16 needs a CUDA device (use bf16 on CPU)")
+    return torch.float16 if setting == "fp16" else torch.bfloat16
+
+
 def to_device(images, targets, device):
     images = [im.to(device, non_blocking=True) for im in images]
     targets = [{k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in t.items()}
@@ -99,8 +115,11 @@ def to_device(images, targets, device):
     return images, targets
 
 
-def train_one_epoch(model, loader, optimizer, device, cfg, state, weights):
-    """One pass over the training split; returns the mean of each loss term and the step count skipped."""
+def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None):
+    """One pass over the training split; returns the mean of each loss term and the step count skipped.
+    dtype: autocast dtype (None = full precision); scaler: a GradScaler for fp16."""
+    device = torch.device(device)
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     model.train()
     sums, steps, skipped_in_a_row, skipped = {}, 0, 0, 0
     warmup = min(cfg["WARMUP_ITERS"], len(loader))
@@ -111,7 +130,9 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state, weights):
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * (0.001 + 0.999 * (state["step"] + 1) / warmup)
         images, targets = to_device(images, targets, device)
-        loss_dict = model(images, targets)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss_dict = model(images, targets)
+        loss_dict = {k: v.float() for k, v in loss_dict.items()}
         loss = losses.weighted_total(loss_dict, weights)
         state["step"] += 1
         if not torch.isfinite(loss):
@@ -125,10 +146,12 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state, weights):
             continue
         skipped_in_a_row = 0
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg["GRAD_CLIP"] > 0:
+            scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"])
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         steps += 1
         for k, v in loss_dict.items():
             sums[k] = sums.get(k, 0.0) + v.item()
@@ -228,6 +251,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(params, lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"])
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg["LR"]
+    dtype = amp_dtype(cfg["AMP"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg["LR_FACTOR"],
                                                            patience=cfg["LR_PATIENCE"])
     state = {"epoch": 0, "step": 0, "best_ap50": -math.inf, "bad_epochs": 0, "history": [], "stopped_early": False}
@@ -237,6 +262,8 @@ def main(argv=None):
         load_weights(model, ckpt, run_dir / "last.pt")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
         set_rng_state(ckpt["rng"])
         generator.set_state(ckpt["loader_rng"])
@@ -247,14 +274,15 @@ def main(argv=None):
         save_json(cfg, run_dir / "config.json")
         save_json({"train": train_ids, "val": val_ids, "seed": cfg["SEED"]}, run_dir / "split.json")
     print(f"run {run_dir}: {len(train_ids)} train / {len(val_ids)} val images, backbone {cfg['BACKBONE']}, "
-          f"device {device}")
+          f"device {device}, AMP {str(dtype).replace('torch.', '') if dtype else 'off'}")
 
     coco_gt = infer.val_ground_truth(val_set) if len(val_set) else None
     if state["stopped_early"] or state["epoch"] >= cfg["EPOCHS"]:
         print(f"{run_dir} has finished training (epoch {state['epoch']}); nothing to do")
     while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"]:
         t0 = time.time()
-        train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state, weights)
+        train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state, weights,
+                                                  scaler, dtype)
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
@@ -276,7 +304,7 @@ def main(argv=None):
         row["epoch_seconds"] = time.time() - t0
         state["history"].append(row)
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "state": state, "config": cfg, "epoch": state["epoch"],
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state, "config": cfg, "epoch": state["epoch"],
                 "train_ids": train_ids, "val_ids": val_ids, "rng": rng_state(), "loader_rng": generator.get_state()}
         if improved:
             save_checkpoint(ckpt, run_dir / "best.pt")
