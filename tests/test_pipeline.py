@@ -108,3 +108,18 @@ def test_existing_run_is_not_overwritten_and_resume_continues(trained_run):
     mtime = (run_dir / "last.pt").stat().st_mtime_ns
     train.main(["--run-dir", str(run_dir), "--resume"])  # finished: nothing is retrained
     assert (run_dir / "last.pt").stat().st_mtime_ns == mtime
+
+
+def test_resume_reproduces_the_uninterrupted_run(trained_run, tmp_path):
+    """Epoch 2 after stopping at epoch 1 and resuming equals epoch 2 of the uninterrupted run."""
+    run_dir, args = trained_run
+    uninterrupted = load_checkpoint(run_dir / "last.pt")["state"]["history"][1]
+    interrupted = tmp_path / "r2"
+    args = list(args)
+    args[args.index("--run-dir") + 1] = str(interrupted)
+    args[args.index("--epochs") + 1] = "1"
+    train.main(args)
+    train.main(["--run-dir", str(interrupted), "--resume", "--epochs", "2"])
+    resumed = load_checkpoint(interrupted / "last.pt")["state"]["history"][1]
+    for key in ("train_loss", "loss_mask", "val_loss", "val_ap50", "val_ap", "lr"):
+        assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-7), key
