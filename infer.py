@@ -21,7 +21,8 @@ from tqdm import tqdm
 from dataset import CellDataset, DataError, TestDataset, collate
 from model import build_model, load_weights, set_inference_params
 import utils
-from utils import CheckpointError, apply_overrides, coco_evaluate, coco_ground_truth, load_checkpoint, save_json
+from utils import (CheckpointError, apply_overrides, coco_evaluate, coco_ground_truth, load_checkpoint,
+                   matching_accuracy, save_json)
 
 # ---- constants (each one can be overridden: --score-threshold 0.1, --eval true, ...) ----------
 CHECKPOINT = ""               # '' = the newest runs/*/best.pt
@@ -206,10 +207,18 @@ def main(argv=None):
         if not ckpt.get("val_ids"):
             raise SystemExit(f"{checkpoint} has no validation split to evaluate (trained with VAL_FRACTION 0)")
         dataset = CellDataset(data_dir, ckpt["val_ids"], train=False)
-        metrics, results = evaluate(model, dataset, device, cfg["MASK_THRESHOLD"], num_workers=cfg["NUM_WORKERS"])
-        print(f"val images {len(dataset)}  detections {len(results)}  AP50 {metrics['ap50']:.4f}  "
-              f"AP@[.5:.95] {metrics['ap']:.4f}  per-class AP50 "
-              + " ".join(f"{k}:{v:.3f}" for k, v in metrics["per_class_ap50"].items()))
+        coco_gt = val_ground_truth(dataset)
+        metrics, results = evaluate(model, dataset, device, cfg["MASK_THRESHOLD"], coco_gt, cfg["NUM_WORKERS"])
+        metrics["ap50_maxdets1000"] = coco_evaluate(coco_gt, results, max_dets=1000)["ap50"]
+        metrics.update(matching_accuracy(coco_gt, results))
+        print(f"val images {len(dataset)}, detections {len(results)}\n"
+              f"  AP50 (leaderboard, maxDets 100) {metrics['ap50']:.4f}\n"
+              f"  AP50 (maxDets 1000)             {metrics['ap50_maxdets1000']:.4f}\n"
+              f"  AP@[.5:.95]                     {metrics['ap']:.4f}\n"
+              f"  per-class AP50                  "
+              + "  ".join(f"{k}: {v:.3f}" for k, v in metrics["per_class_ap50"].items()) + "\n"
+              f"  accuracy@0.5 TP/(TP+FP+FN)      {metrics['accuracy']:.4f} (TP {metrics['tp']}, FP {metrics['fp']}, "
+              f"FN {metrics['fn']}; score >= 0.5)")
         return metrics
     dataset = TestDataset(data_dir)
     if dataset.unlisted:

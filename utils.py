@@ -233,3 +233,34 @@ def coco_evaluate(coco_gt, results, max_dets=100, img_ids=None):
         p = p[p > -1]
         per_class[int(cat)] = float(p.mean()) if p.size else float("nan")
     return {"ap50": stats[1], "ap": stats[0], "ap75": stats[2], "per_class_ap50": per_class}
+
+
+def matching_accuracy(coco_gt, results, iou_threshold=0.5, min_score=0.5):
+    """The cell papers' accuracy (Cellpose, StarDist): TP / (TP + FP + FN) over all images, where
+    predictions scoring at least min_score are matched one-to-one to ground-truth instances of any
+    class at mask IoU >= iou_threshold, greedily in score order."""
+    by_image = {}
+    for r in results:
+        if r["score"] >= min_score:
+            by_image.setdefault(r["image_id"], []).append(r)
+    tp = fp = fn = 0
+    for img_id in coco_gt.getImgIds():
+        gts = [_bytes_rle(a["segmentation"]) for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_id))]
+        preds = sorted(by_image.get(img_id, []), key=lambda r: -r["score"])
+        if not gts or not preds:
+            fp += len(preds)
+            fn += len(gts)
+            continue
+        ious = mask_utils.iou([_bytes_rle(p["segmentation"]) for p in preds], gts, [0] * len(gts))
+        matched = np.zeros(len(gts), bool)
+        for row in np.asarray(ious).reshape(len(preds), len(gts)):
+            row = np.where(matched, -1.0, row)
+            j = int(row.argmax())
+            if row[j] >= iou_threshold:
+                matched[j] = True
+                tp += 1
+            else:
+                fp += 1
+        fn += int((~matched).sum())
+    total = tp + fp + fn
+    return {"accuracy": tp / total if total else float("nan"), "tp": tp, "fp": fp, "fn": fn}

@@ -79,7 +79,8 @@ def test_infer_writes_a_valid_submission(trained_run, demo_dir, tmp_path):
     assert all(isinstance(r["segmentation"]["counts"], str) for r in results)
     metrics = infer.main(["--checkpoint", str(run_dir / "best.pt"), "--eval", "true", "--num-workers", "0",
                           "--detections-per-image", "50"])
-    assert 0.0 <= metrics["ap50"] <= 1.0
+    assert 0.0 <= metrics["ap50"] <= 1.0 and metrics["ap50_maxdets1000"] >= metrics["ap50"] - 1e-9
+    assert metrics["tp"] + metrics["fn"] > 0 and set(metrics["per_class_ap50"]) == {1, 2, 3, 4}
 
 
 @pytest.mark.parametrize("bad, message", [

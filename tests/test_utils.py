@@ -44,3 +44,22 @@ def test_coco_evaluate_perfect_and_empty():
     wrong_class = [dict(perfect[0], category_id=1)]
     assert coco_evaluate(gt, wrong_class)["ap50"] == pytest.approx(0.0)
     assert coco_evaluate(gt, [])["ap50"] == 0.0
+
+
+def test_matching_accuracy_counts_tp_fp_fn():
+    from utils import matching_accuracy
+    a = np.zeros((20, 20), np.uint8)
+    a[2:8, 2:8] = 1
+    b = np.zeros((20, 20), np.uint8)
+    b[10:18, 10:18] = 1
+    gt = coco_ground_truth([{"id": 0, "height": 20, "width": 20, "masks": [a, b], "labels": [1, 2]}])
+    shifted = np.roll(a, 1, axis=1)  # IoU 30/42 > 0.5, other class: matching is class-agnostic
+    far = np.zeros((20, 20), np.uint8)
+    far[0:2, 15:20] = 1
+    preds = [{"image_id": 0, "category_id": 3, "score": 0.9, "bbox": [0, 0, 1, 1], "segmentation": encode_mask(shifted)},
+             {"image_id": 0, "category_id": 1, "score": 0.8, "bbox": [0, 0, 1, 1], "segmentation": encode_mask(a)},
+             {"image_id": 0, "category_id": 1, "score": 0.7, "bbox": [0, 0, 1, 1], "segmentation": encode_mask(far)},
+             {"image_id": 0, "category_id": 1, "score": 0.1, "bbox": [0, 0, 1, 1], "segmentation": encode_mask(b)}]
+    m = matching_accuracy(gt, preds)
+    # shifted matches a; the exact copy of a is a duplicate (FP); far is FP; b's only match scores < 0.5 (FN)
+    assert (m["tp"], m["fp"], m["fn"]) == (1, 2, 1) and m["accuracy"] == pytest.approx(1 / 4)
