@@ -75,10 +75,11 @@ def resolve_config(argv=None):
     ns = {k: v for k, v in globals().items() if k.isupper() and k not in ("DEMO_SETTINGS", "METRIC_FIELDS",
                                                                          "MAX_SKIPPED_STEPS")}
     cfg, given = apply_overrides(ns, argv, description=__doc__)
+    ckpt = None
     if cfg["RESUME"] and cfg["RUN_DIR"]:  # a resumed run keeps its configuration, but for what is given now
-        saved = load_checkpoint(Path(cfg["RUN_DIR"]) / "last.pt")["config"]
-        cfg = {**saved, **{k: cfg[k] for k in given}, "RESUME": True}
-        given = set(saved) | given
+        ckpt = load_checkpoint(Path(cfg["RUN_DIR"]) / "last.pt")
+        cfg = {**ckpt["config"], **{k: cfg[k] for k in given}, "RESUME": True}
+        given = set(ckpt["config"]) | given
     if cfg["DEMO"]:
         cfg.update({k: v for k, v in DEMO_SETTINGS.items() if k not in given})
     if cfg["LOSSES"] not in losses.PRESETS:
@@ -87,7 +88,7 @@ def resolve_config(argv=None):
         if cfg["RESUME"]:
             raise SystemExit("--resume needs --run-dir: the run folder to continue")
         cfg["RUN_DIR"] = f"runs/{'demo-' if cfg['DEMO'] else ''}{time.strftime('%Y%m%d-%H%M%S')}"
-    return cfg
+    return cfg, ckpt
 
 
 def pick_device(name):
@@ -215,7 +216,7 @@ def plot_curves(history, path):
 
 
 def main(argv=None):
-    cfg = resolve_config(argv)
+    cfg, ckpt = resolve_config(argv)  # ckpt: the run's last.pt when resuming
     run_dir = Path(cfg["RUN_DIR"])
     if cfg["DEMO"] and not (Path(cfg["DATA_DIR"]) / "train").is_dir():
         print(f"making the synthetic demo dataset in {cfg['DATA_DIR']}")
@@ -232,7 +233,10 @@ def main(argv=None):
     print(f"data {cfg['DATA_DIR']}: {summary['images']} images, instances per class {summary['instances']}"
           + (f"; {len(summary['negatives'])} image(s) without class files kept as negative examples"
              f" (e.g. {summary['negatives'][0]})" if summary["negatives"] else ""))
-    train_ids, val_ids = split_ids(all_ids, cfg["VAL_FRACTION"], cfg["SEED"])
+    if ckpt is not None:
+        train_ids, val_ids = ckpt["train_ids"], ckpt["val_ids"]
+    else:
+        train_ids, val_ids = split_ids(all_ids, cfg["VAL_FRACTION"], cfg["SEED"])
     train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True)
     val_set = CellDataset(cfg["DATA_DIR"], val_ids, train=False)
     generator = torch.Generator().manual_seed(cfg["SEED"])
@@ -257,8 +261,7 @@ def main(argv=None):
                                                            patience=cfg["LR_PATIENCE"])
     state = {"epoch": 0, "step": 0, "best_ap50": -math.inf, "bad_epochs": 0, "history": [], "stopped_early": False}
 
-    if cfg["RESUME"]:
-        ckpt = load_checkpoint(run_dir / "last.pt")
+    if ckpt is not None:
         load_weights(model, ckpt, run_dir / "last.pt")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -267,7 +270,7 @@ def main(argv=None):
         state = ckpt["state"]
         set_rng_state(ckpt["rng"])
         generator.set_state(ckpt["loader_rng"])
-        train_ids, val_ids = ckpt["train_ids"], ckpt["val_ids"]
+        del ckpt
         print(f"resumed {run_dir} after epoch {state['epoch']} (best val AP50 {state['best_ap50']:.4f})")
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -303,8 +306,8 @@ def main(argv=None):
                     print(f"early stop: no better val AP50 for {state['bad_epochs']} epochs")
         row["epoch_seconds"] = time.time() - t0
         state["history"].append(row)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state, "config": cfg, "epoch": state["epoch"],
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "state": state, "config": cfg, "epoch": state["epoch"],
                 "train_ids": train_ids, "val_ids": val_ids, "rng": rng_state(), "loader_rng": generator.get_state()}
         if improved:
             save_checkpoint(ckpt, run_dir / "best.pt")

@@ -28,10 +28,10 @@ def test_cli_overrides_change_constants_with_their_types():
 
 
 def test_train_constants_overridable_and_demo_preset_yields_to_the_command_line():
-    cfg = train.resolve_config(["--epochs", "3", "--backbone", "resnet18", "--pretrained", "false"])
+    cfg, _ = train.resolve_config(["--epochs", "3", "--backbone", "resnet18", "--pretrained", "false"])
     assert (cfg["EPOCHS"], cfg["BACKBONE"], cfg["PRETRAINED"]) == (3, "resnet18", False)
     assert train.EPOCHS == 50  # the module's defaults are untouched
-    cfg = train.resolve_config(["--demo", "true", "--epochs", "1"])
+    cfg, _ = train.resolve_config(["--demo", "true", "--epochs", "1"])
     assert cfg["EPOCHS"] == 1 and cfg["BACKBONE"] == train.DEMO_SETTINGS["BACKBONE"]
 
 
