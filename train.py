@@ -91,10 +91,6 @@ def resolve_config(argv=None):
     return cfg, ckpt
 
 
-def pick_device(name):
-    return infer.pick_device(name)
-
-
 def amp_dtype(setting, device):
     """The autocast dtype for AMP on this device, or None for full precision."""
     setting = setting.lower()
@@ -225,7 +221,7 @@ def main(argv=None):
         raise SystemExit(f"{run_dir} already holds a run (last.pt); continue it with --resume, "
                          "or choose another --run-dir")
     seed_everything(cfg["SEED"])
-    device = pick_device(cfg["DEVICE"])
+    device = infer.pick_device(cfg["DEVICE"])
 
     # ---- data ------------------------------------------------------------------------------------
     all_ids = list_train_ids(cfg["DATA_DIR"])

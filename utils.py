@@ -171,10 +171,7 @@ def encode_mask(mask):
 
 def decode_mask(rle):
     """COCO RLE (counts as str or bytes) -> HxW uint8 mask."""
-    rle = dict(rle)
-    if isinstance(rle["counts"], str):
-        rle["counts"] = rle["counts"].encode("ascii")
-    return mask_utils.decode(rle)
+    return mask_utils.decode(_bytes_rle(rle))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,11 +184,11 @@ def coco_ground_truth(images):
     for im in images:
         dataset["images"].append({"id": int(im["id"]), "height": int(im["height"]), "width": int(im["width"])})
         for mask, label in zip(im["masks"], im["labels"]):
-            rle = encode_mask(np.asarray(mask))
+            rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
             dataset["annotations"].append({
                 "id": ann_id, "image_id": int(im["id"]), "category_id": int(label), "iscrowd": 0,
-                "segmentation": rle, "area": float(mask_utils.area(_bytes_rle(rle))),
-                "bbox": [float(v) for v in mask_utils.toBbox(_bytes_rle(rle))]})
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
             ann_id += 1
     with contextlib.redirect_stdout(io.StringIO()):
         coco = COCO()
