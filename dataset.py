@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import tifffile
 import torch
+import torch.nn.functional as F
 from scipy import ndimage
 
 from utils import NUM_CLASSES
@@ -114,7 +115,7 @@ def instances_from_labels(label_maps):
     Boxes are [x0, y0, x1, y1) with exclusive ends: a 1-pixel instance gets width and height 1.
     """
     h, w = label_maps.shape[:2]
-    masks, classes, boxes = [], [], []
+    found = []  # (class, dense id map, id, slices): the masks are allocated once, N x H x W uint8
     for k in range(label_maps.shape[-1]):
         lab = label_maps[..., k]
         ids = np.unique(lab)
@@ -122,17 +123,14 @@ def instances_from_labels(label_maps):
         if ids.size == 0:
             continue
         dense = np.where(lab > 0, np.searchsorted(ids, lab) + 1, 0).astype(np.int32)
-        for i, sl in enumerate(ndimage.find_objects(dense), start=1):
-            if sl is None:
-                continue
-            mask = np.zeros((h, w), np.uint8)
-            mask[sl] = dense[sl] == i
-            masks.append(mask)
-            classes.append(k + 1)
-            boxes.append([sl[1].start, sl[0].start, sl[1].stop, sl[0].stop])
-    if not masks:
-        return np.zeros((0, h, w), np.uint8), np.zeros((0,), np.int64), np.zeros((0, 4), np.float32)
-    return np.stack(masks), np.asarray(classes, np.int64), np.asarray(boxes, np.float32)
+        found += [(k + 1, dense, i, sl) for i, sl in enumerate(ndimage.find_objects(dense), start=1) if sl is not None]
+    masks = np.zeros((len(found), h, w), np.uint8)
+    classes = np.asarray([f[0] for f in found], np.int64)
+    boxes = np.zeros((len(found), 4), np.float32)
+    for n, (_, dense, i, sl) in enumerate(found):
+        masks[n][sl] = dense[sl] == i
+        boxes[n] = [sl[1].start, sl[0].start, sl[1].stop, sl[0].stop]
+    return masks, classes, boxes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,6 +192,43 @@ def split_ids(ids, val_fraction, seed):
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
 
 
+def resize_factor(height, width, min_size, max_size, scale=0.0, cap=True):
+    """The one sizing rule of training, validation and inference: model-input pixels per image pixel.
+
+    scale > 0: that fixed factor on every image, so a cell has the same size in pixels whatever the
+    image size (2.0 = the top entries' 2x upscaling); scale 0: torchvision's rule, the shorter side
+    to min_size unless the longer side would pass max_size. cap: never let the longer side pass
+    max_size (training crops and inference tiles keep to that limit instead of shrinking the image)."""
+    if scale > 0:
+        return min(scale, max_size / max(height, width)) if cap else scale
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
+def resize_image(image, factor):
+    """CxHxW float image resized by factor, bilinear, with torchvision's size arithmetic
+    (GeneralizedRCNNTransform: output size floor(side x factor))."""
+    if factor == 1.0:
+        return image
+    return F.interpolate(image[None], scale_factor=factor, mode="bilinear", recompute_scale_factor=True,
+                         align_corners=False)[0]
+
+
+def resize_labels(label_maps, size):
+    """HxWx4 label maps -> size, nearest neighbour (torchvision's mask resize), still float32 ids."""
+    if tuple(label_maps.shape[:2]) == tuple(size):
+        return label_maps
+    lab = torch.from_numpy(np.ascontiguousarray(label_maps)).permute(2, 0, 1)[None]
+    return F.interpolate(lab, size=tuple(size), mode="nearest")[0].permute(1, 2, 0).numpy()
+
+
+def random_crop_window(height, width, side):
+    """A uniformly placed window of at most side x side pixels (torch's RNG): (y0, y1, x0, x1)."""
+    th, tw = min(height, side), min(width, side)
+    y0 = int(torch.randint(0, height - th + 1, ()))
+    x0 = int(torch.randint(0, width - tw + 1, ()))
+    return y0, y0 + th, x0, x0 + tw
+
+
 class CellDataset(torch.utils.data.Dataset):
     """Training/validation images of DATA_DIR/train. Items: (image float CxHxW in [0,1], target).
 
@@ -201,12 +236,21 @@ class CellDataset(torch.utils.data.Dataset):
     (the index in `ids`). Images without any class file are kept as negative examples (N = 0).
     Augmentation (train=True) acts on the image and the HxWx4 label maps together; instances are
     taken from the augmented maps, so boxes always fit the masks.
+
+    sizing (min_size, max_size, scale): resize here to the model's input size (resize_factor), so
+    the masks exist only at that size, as uint8: the model itself never resizes. The label maps
+    (4 float32 channels) are what gets resized, never N masks. Where a fixed scale would make the
+    longer side pass max_size, training takes a random crop of max_size / scale image pixels a
+    side instead (validation shrinks the image to fit). sizing None: the image's own size
+    (validation ground truth and inference, which resize on their own).
     """
 
-    def __init__(self, data_dir, ids, train=False):
+    def __init__(self, data_dir, ids, train=False, sizing=None):
         self.dir = Path(data_dir) / "train"
         self.ids = list(ids)
+        self.train = train
         self.augment = train_augmentation() if train else None
+        self.sizing = sizing
 
     def __len__(self):
         return len(self.ids)
@@ -218,16 +262,26 @@ class CellDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         image, labels = self.load(index)
+        factor = 1.0
+        if self.sizing is not None:
+            min_size, max_size, scale = self.sizing
+            h, w = image.shape[:2]
+            if self.train and scale > 0 and max(h, w) * scale > max_size:
+                y0, y1, x0, x1 = random_crop_window(h, w, int(max_size / scale))
+                image, labels = image[y0:y1, x0:x1], labels[y0:y1, x0:x1]
+            factor = resize_factor(*image.shape[:2], min_size, max_size, scale)
         if self.augment is not None:
             # albumentations keeps its own RNG: seed it from torch's, which train.py seeds (and which
             # DataLoader seeds per worker), so augmentation is reproducible and resumable
             self.augment.set_random_seed(int(torch.randint(0, 2**31 - 1, ())))
             out = self.augment(image=image, mask=labels)
             image, labels = out["image"], out["mask"]
+        image = resize_image(to_tensor(image), factor)
+        labels = resize_labels(labels, image.shape[-2:])
         masks, classes, boxes = instances_from_labels(labels)
         target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(classes),
                   "masks": torch.from_numpy(masks), "image_id": index}
-        return to_tensor(image), target
+        return image, target
 
 
 def to_tensor(image):

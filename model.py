@@ -1,7 +1,7 @@
 """The report's model: torchvision MaskRCNN on a timm backbone with an FPN over its last four stages.
 
-    image [0,1] -> GeneralizedRCNNTransform (resize MIN_SIZE/MAX_SIZE, normalise with the
-    backbone's own mean/std: the only normalisation) -> timm features_only (strides 4..32)
+    image [0,1], already at the input size (dataset.resize_factor: MIN_SIZE/MAX_SIZE or a fixed SCALE)
+    -> normalise with the backbone's own mean/std (the only normalisation) -> timm features_only (strides 4..32)
     -> FeaturePyramidNetwork (+ max-pool level) -> RPN with the report's anchors
     -> box head (RoIAlign 7, sampling 2) -> mask head (RoIAlign 14, sampling 4)
 """
@@ -92,28 +92,19 @@ class TimmFPN(nn.Module):
 
 
 class BoxMaskTransform(GeneralizedRCNNTransform):
-    """torchvision's transform, except that at inference masks stay box-relative: the output has
-    `mask_probs` (N,1,28,28) instead of `masks` (N,1,H,W). Pasting all N masks into full-size
-    float images is what makes stock inference slow and memory-hungry at 1000 detections
-    (1000 x 2500 x 1987 floats = 20 GB); infer.to_results pastes each into its box region only."""
+    """torchvision's transform (normalise, batch), with two changes.
 
-    mask_chunk = 32  # ground-truth masks resized this many at a time
+    - No resizing: images arrive at the model's input size already (dataset.resize_factor, done by
+      CellDataset for training and by infer.predict_image at inference), so ground-truth masks are
+      only ever made at that size, as uint8. torchvision's resize turns all N masks of an image into
+      one float32 N x H x W copy (772 masks of 1731x2162 px would take 11 GB).
+    - At inference masks stay box-relative: the output has `mask_probs` (N,1,28,28) instead of
+      `masks` (N,1,H,W). Pasting all N masks into full-size float images is what makes stock
+      inference slow and memory-hungry at 1000 detections (1000 x 2500 x 1987 floats = 20 GB);
+      infer.to_results pastes each into its box region only.
+    """
 
     def resize(self, image, target=None):
-        """torchvision's resize, but ground-truth masks stay uint8 and are resized in chunks: the
-        stock path makes one float32 copy of all N masks at full size (772 masks of 1731x2162 px
-        would take 11 GB). Same nearest-neighbour result."""
-        masks = target.pop("masks") if target is not None and "masks" in target else None
-        image, target = super().resize(image, target)
-        if masks is not None:
-            size = tuple(image.shape[-2:])
-            if tuple(masks.shape[-2:]) != size:
-                out = torch.empty((len(masks), *size), dtype=torch.uint8, device=masks.device)
-                for i in range(0, len(masks), self.mask_chunk):
-                    chunk = masks[i:i + self.mask_chunk, None].float()
-                    out[i:i + self.mask_chunk] = torch.nn.functional.interpolate(chunk, size=size)[:, 0].to(torch.uint8)
-                masks = out
-            target["masks"] = masks
         return image, target
 
     def postprocess(self, result, image_shapes, original_image_sizes):

@@ -4,6 +4,7 @@
     python train.py --epochs 3 --backbone resnet18 --pretrained false
     python train.py --run-dir runs/exp1 --resume      # continue runs/exp1 from last.pt
     python train.py --demo true                       # synthetic data, CPU-sized, then inference
+    torchrun --nproc_per_node 2 train.py              # two GPUs (DistributedDataParallel), same constants
 
 Every UPPER_CASE constant below can be set from the command line as --lower-case-with-dashes.
 A run folder gets config.json, split.json, metrics.csv, learning_curve.png, last.pt and best.pt.
@@ -11,11 +12,14 @@ A run folder gets config.json, split.json, metrics.csv, learning_curve.png, last
 import csv
 import io
 import math
+import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import infer
@@ -34,8 +38,11 @@ PRETRAINED_WEIGHTS = ""       # local weights file (Kaggle without internet); wi
 FREEZE_BN = True              # batch 1 makes live BatchNorm statistics noise: freeze them
 FPN_CHANNELS = 256
 ROI_BATCH_SIZE = 512          # RoIs sampled per image for the box head (torchvision default)
-MIN_SIZE = 800                # GeneralizedRCNNTransform: shorter side resized to MIN_SIZE ...
-MAX_SIZE = 1333               # ... unless the longer side would pass MAX_SIZE
+MIN_SIZE = 800                # shorter side resized to MIN_SIZE (torchvision's rule) ...
+MAX_SIZE = 1333               # ... unless the longer side would pass MAX_SIZE; never a longer input side
+SCALE = 0.0                   # > 0: resize every image by this fixed factor instead (2.0 = the top entries'
+                              # 2x upscaling); training crops a random MAX_SIZE/SCALE window from larger
+                              # images, inference tiles them (infer.py TILE)
 EPOCHS = 50
 BATCH_SIZE = 1
 LR = 5e-5                     # AdamW
@@ -54,7 +61,8 @@ SEED = 42
 LOSSES = "stock"              # loss preset: stock | ciou_dice_boundary | report (losses.py)
 LOSS_WEIGHTS = {}             # {"loss_boundary": 0.5, ...}: overrides the preset's weight of a term
 NUM_WORKERS = 2
-DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ...
+DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ... (under torchrun: each process its LOCAL_RANK GPU)
+CUDNN_BENCHMARK = True        # let cuDNN pick the fastest kernels per input shape (shapes repeat every epoch)
 RESUME = False                # continue RUN_DIR from its last.pt
 DEMO = False                  # synthetic data + the CPU settings below, then inference
 # ------------------------------------------------------------------------------------------------
@@ -112,15 +120,61 @@ def to_device(images, targets, device):
     return images, targets
 
 
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def setup_distributed(cfg):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL, one GPU per process (LOCAL_RANK),
+    or gloo on CPU. Returns (rank, world size, device); a plain `python train.py` gets (0, 1, DEVICE)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, infer.pick_device(cfg["DEVICE"])
+    local = int(os.environ["LOCAL_RANK"])
+    if cfg["DEVICE"] != "cpu" and torch.cuda.is_available():
+        device, backend = torch.device("cuda", local), "nccl"
+        torch.cuda.set_device(device)
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    # rank 0 validates and saves while the others wait in the next collective: allow for a long validation
+    dist.init_process_group(backend, timeout=timedelta(hours=2))
+    return dist.get_rank(), world, device
+
+
+def all_ranks_agree(flag, device):
+    """True where every process says True (one tiny all-reduce; a plain run needs none)."""
+    if not distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def mean_over_ranks(stats, steps, device):
+    """Per-term training means weighted by each process's step count: the figures of the whole epoch."""
+    if not distributed():
+        return stats
+    keys = sorted(stats)
+    t = torch.tensor([stats[k] * steps for k in keys] + [float(steps)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return {k: float(v) / max(float(t[-1]), 1.0) for k, v in zip(keys, t[:-1])}
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
 def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None):
     """One pass over the training split; returns the mean of each loss term and the step count skipped.
-    dtype: autocast dtype (None = full precision); scaler: a GradScaler for fp16."""
+    dtype: autocast dtype (None = full precision); scaler: a GradScaler for fp16. Under DDP the figures
+    are over all processes, and a step is skipped on all of them when any one's loss is not finite."""
     device = torch.device(device)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     model.train()
     sums, steps, skipped_in_a_row, skipped = {}, 0, 0, 0
     warmup = min(cfg["WARMUP_ITERS"], len(loader))
-    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg['EPOCHS']}", dynamic_ncols=True)
+    rank0 = not distributed() or dist.get_rank() == 0
+    bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg['EPOCHS']}", dynamic_ncols=True, disable=not rank0)
     t_last = time.time()
     for images, targets in bar:
         if state["step"] < warmup:  # linear warm-up to the current LR (the plateau scheduler acts later)
@@ -132,7 +186,7 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scale
         loss_dict = {k: v.float() for k, v in loss_dict.items()}
         loss = losses.weighted_total(loss_dict, weights)
         state["step"] += 1
-        if not torch.isfinite(loss):
+        if not all_ranks_agree(torch.isfinite(loss), device):
             skipped += 1
             skipped_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
@@ -157,7 +211,12 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scale
         bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         s_it=f"{now - t_last:.2f}")
         t_last = now
-    return {k: v / max(steps, 1) for k, v in sums.items()}, skipped
+    stats = mean_over_ranks({k: v / max(steps, 1) for k, v in sums.items()}, steps, device)
+    if distributed():
+        t = torch.tensor([skipped], device=device)
+        dist.all_reduce(t)
+        skipped = int(t.item())
+    return stats, skipped
 
 
 @torch.no_grad()
@@ -211,43 +270,79 @@ def plot_curves(history, path):
         f.write(buf.getvalue())
 
 
+def check_ranks_in_sync(model, device):
+    """After DDP training every process must hold the same parameters (the saved ones are rank 0's):
+    compare a SHA-256 of each process's parameters. Returns the digest."""
+    import hashlib
+    digest = hashlib.sha256()
+    for p in unwrap(model).parameters():
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"DDP processes ended with different weights: {digests}")
+    return digests[0]
+
+
 def main(argv=None):
     cfg, ckpt = resolve_config(argv)  # ckpt: the run's last.pt when resuming
+    rank, world, device = setup_distributed(cfg)
+    try:
+        if distributed():  # a default runs/<time> may differ by a second between processes: take rank 0's
+            name = [cfg["RUN_DIR"]]
+            dist.broadcast_object_list(name, src=0)
+            cfg["RUN_DIR"] = name[0]
+        return train(cfg, ckpt, rank, world, device)
+    finally:
+        if distributed():
+            dist.destroy_process_group()
+
+
+def train(cfg, ckpt, rank, world, device):
+    log = print if rank == 0 else (lambda *a, **k: None)
     run_dir = Path(cfg["RUN_DIR"])
-    if cfg["DEMO"] and not (Path(cfg["DATA_DIR"]) / "train").is_dir():
+    if cfg["DEMO"] and not (Path(cfg["DATA_DIR"]) / "train").is_dir() and rank == 0:
         print(f"making the synthetic demo dataset in {cfg['DATA_DIR']}")
         make_demo_data(cfg["DATA_DIR"], seed=cfg["SEED"])
+    if distributed():
+        dist.barrier()  # the demo data (made by rank 0) is complete
     if (run_dir / "last.pt").exists() and not cfg["RESUME"]:
         raise SystemExit(f"{run_dir} already holds a run (last.pt); continue it with --resume, "
                          "or choose another --run-dir")
-    seed_everything(cfg["SEED"])
-    device = infer.pick_device(cfg["DEVICE"])
+    seed_everything(cfg["SEED"] + rank)  # the same initial weights are broadcast from rank 0 by DDP
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg["CUDNN_BENCHMARK"]
 
     # ---- data ------------------------------------------------------------------------------------
     all_ids = list_train_ids(cfg["DATA_DIR"])
     summary = check_train_data(cfg["DATA_DIR"], all_ids)
-    print(f"data {cfg['DATA_DIR']}: {summary['images']} images, instances per class {summary['instances']}"
-          + (f"; {len(summary['negatives'])} image(s) without class files kept as negative examples"
-             f" (e.g. {summary['negatives'][0]})" if summary["negatives"] else ""))
+    log(f"data {cfg['DATA_DIR']}: {summary['images']} images, instances per class {summary['instances']}"
+        + (f"; {len(summary['negatives'])} image(s) without class files kept as negative examples"
+           f" (e.g. {summary['negatives'][0]})" if summary["negatives"] else ""))
     if ckpt is not None:
         train_ids, val_ids = ckpt["train_ids"], ckpt["val_ids"]
     else:
         train_ids, val_ids = split_ids(all_ids, cfg["VAL_FRACTION"], cfg["SEED"])
-    train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True)
-    val_set = CellDataset(cfg["DATA_DIR"], val_ids, train=False)
+    sizing = (cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["SCALE"])
+    train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True, sizing=sizing)
+    val_set = CellDataset(cfg["DATA_DIR"], val_ids, train=False)  # own size: scored as at test time
     generator = torch.Generator().manual_seed(cfg["SEED"])
+    sampler = None
+    if world > 1:  # each process a shuffled 1/world share, reshuffled every epoch (set_epoch)
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=cfg["SEED"])
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg["BATCH_SIZE"], shuffle=True, collate_fn=collate, generator=generator,
-        num_workers=cfg["NUM_WORKERS"], pin_memory=device.type == "cuda",
+        train_set, batch_size=cfg["BATCH_SIZE"], shuffle=sampler is None, sampler=sampler, collate_fn=collate,
+        generator=generator, num_workers=cfg["NUM_WORKERS"], pin_memory=device.type == "cuda",
         persistent_workers=cfg["NUM_WORKERS"] > 0)
-    val_loader = torch.utils.data.DataLoader(val_set, batch_size=1, shuffle=False, collate_fn=collate,
-                                             num_workers=cfg["NUM_WORKERS"])
+    loss_loader = infer.val_loader(CellDataset(cfg["DATA_DIR"], val_ids, train=False, sizing=sizing),
+                                   cfg["NUM_WORKERS"])
 
     # ---- model, optimiser, schedule --------------------------------------------------------------
-    model = build_model(cfg, load_pretrained=not cfg["RESUME"],
-                        detections_per_image=cfg["VAL_DETECTIONS_PER_IMAGE"]).to(device)
+    net = build_model(cfg, load_pretrained=not cfg["RESUME"],
+                      detections_per_image=cfg["VAL_DETECTIONS_PER_IMAGE"]).to(device)
     weights = losses.preset_weights(cfg["LOSSES"], cfg["LOSS_WEIGHTS"])
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"])
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg["LR"]
@@ -258,64 +353,86 @@ def main(argv=None):
     state = {"epoch": 0, "step": 0, "best_ap50": -math.inf, "bad_epochs": 0, "history": [], "stopped_early": False}
 
     if ckpt is not None:
-        load_weights(model, ckpt, run_dir / "last.pt")
+        load_weights(net, ckpt, run_dir / "last.pt")
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])  # rank 0's; the other processes draw their own augmentation stream
+        if rank > 0:
+            seed_everything(cfg["SEED"] + rank + 1000 * state["epoch"])
         generator.set_state(ckpt["loader_rng"])
         del ckpt
-        print(f"resumed {run_dir} after epoch {state['epoch']} (best val AP50 {state['best_ap50']:.4f})")
-    else:
+        log(f"resumed {run_dir} after epoch {state['epoch']} (best val AP50 {state['best_ap50']:.4f})")
+    elif rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_json(cfg, run_dir / "config.json")
         save_json({"train": train_ids, "val": val_ids, "seed": cfg["SEED"]}, run_dir / "split.json")
-    print(f"run {run_dir}: {len(train_ids)} train / {len(val_ids)} val images, backbone {cfg['BACKBONE']}, "
-          f"device {device}, AMP {str(dtype).replace('torch.', '') if dtype else 'off'}")
+    model = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    log(f"run {run_dir}: {len(train_ids)} train / {len(val_ids)} val images, backbone {cfg['BACKBONE']}, "
+        f"device {device}" + (f" x {world} processes (DDP)" if world > 1 else "")
+        + f", AMP {str(dtype).replace('torch.', '') if dtype else 'off'}, input "
+        + (f"x{cfg['SCALE']:g} (random {int(cfg['MAX_SIZE'] / cfg['SCALE'])}-px crops of larger images)"
+           if cfg["SCALE"] > 0 else f"MIN_SIZE {cfg['MIN_SIZE']}") + f", at most {cfg['MAX_SIZE']} px a side")
 
-    coco_gt = infer.val_ground_truth(val_set) if len(val_set) else None
+    opts = infer.predict_options(cfg, detections_per_image=cfg["VAL_DETECTIONS_PER_IMAGE"])
+    coco_gt = infer.val_ground_truth(val_set) if len(val_set) and rank == 0 else None
     if state["stopped_early"] or state["epoch"] >= cfg["EPOCHS"]:
-        print(f"{run_dir} has finished training (epoch {state['epoch']}); nothing to do")
+        log(f"{run_dir} has finished training (epoch {state['epoch']}); nothing to do")
     while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"]:
         t0 = time.time()
+        if sampler is not None:
+            sampler.set_epoch(state["epoch"])
         train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state, weights,
-                                                  scaler, dtype)
+                                               scaler, dtype)
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
-        improved = True  # with no val split, the latest weights are the best we know
-        if coco_gt is not None:
-            row["val_loss"] = validation_loss(model, val_loader, device, weights)
-            metrics, _ = infer.evaluate(model, val_set, device, cfg["MASK_THRESHOLD"], coco_gt)
+        if coco_gt is not None:  # rank 0 validates; the others wait for its figures below
+            row["val_loss"] = validation_loss(net, loss_loader, device, weights)
+            metrics, _ = infer.evaluate(net, val_set, device, opts, cfg["MASK_THRESHOLD"], coco_gt)
             row["val_ap50"], row["val_ap"] = metrics["ap50"], metrics["ap"]
-            ap50 = metrics["ap50"] if not math.isnan(metrics["ap50"]) else -math.inf
+        if distributed():
+            figures = [row["val_loss"], row["val_ap50"], row["val_ap"]]
+            dist.broadcast_object_list(figures, src=0)
+            row["val_loss"], row["val_ap50"], row["val_ap"] = figures
+        improved = True  # with no val split, the latest weights are the best we know
+        if len(val_set):
+            ap50 = row["val_ap50"] if not math.isnan(row["val_ap50"]) else -math.inf
             improved = ap50 > state["best_ap50"]
-            scheduler.step(ap50)
+            scheduler.step(ap50)  # every process steps the same schedule and early stop
             if improved:
                 state["best_ap50"], state["bad_epochs"] = ap50, 0
             else:
                 state["bad_epochs"] += 1
                 if state["bad_epochs"] >= cfg["EARLY_STOP_PATIENCE"]:
                     state["stopped_early"] = True
-                    print(f"early stop: no better val AP50 for {state['bad_epochs']} epochs")
+                    log(f"early stop: no better val AP50 for {state['bad_epochs']} epochs")
         row["epoch_seconds"] = time.time() - t0
         state["history"].append(row)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "state": state, "config": cfg, "epoch": state["epoch"],
-                "train_ids": train_ids, "val_ids": val_ids, "rng": rng_state(), "loader_rng": generator.get_state()}
-        if improved:
-            save_checkpoint(ckpt, run_dir / "best.pt")
-        save_checkpoint(ckpt, run_dir / "last.pt")
-        write_metrics(state["history"], run_dir)
-        plot_curves(state["history"], run_dir / "learning_curve.png")
-        print(f"epoch {state['epoch']}: train loss {row.get('train_loss', float('nan')):.4f}  "
-              f"val loss {row['val_loss']:.4f}  val AP50 {row['val_ap50']:.4f}  AP {row['val_ap']:.4f}  "
-              f"lr {row['lr']:.2e}  {row['epoch_seconds']:.0f}s" + ("  (best)" if improved else ""))
-    print(f"done after {state['epoch']} epochs: best val AP50 {state['best_ap50']:.4f}; {run_dir}/best.pt")
+        if rank == 0:
+            ckpt = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state, "config": cfg,
+                    "epoch": state["epoch"], "train_ids": train_ids, "val_ids": val_ids, "rng": rng_state(),
+                    "loader_rng": generator.get_state()}
+            if improved:
+                save_checkpoint(ckpt, run_dir / "best.pt")
+            save_checkpoint(ckpt, run_dir / "last.pt")
+            del ckpt
+            write_metrics(state["history"], run_dir)
+            plot_curves(state["history"], run_dir / "learning_curve.png")
+        log(f"epoch {state['epoch']}: train loss {row.get('train_loss', float('nan')):.4f}  "
+            f"val loss {row['val_loss']:.4f}  val AP50 {row['val_ap50']:.4f}  AP {row['val_ap']:.4f}  "
+            f"lr {row['lr']:.2e}  {row['epoch_seconds']:.0f}s" + ("  (best)" if improved else ""))
+    if distributed():
+        digest = check_ranks_in_sync(model, device)
+        log(f"DDP: the {world} processes hold identical weights (parameters sha256 {digest[:16]})")
+    log(f"done after {state['epoch']} epochs: best val AP50 {state['best_ap50']:.4f}; {run_dir}/best.pt")
 
-    if cfg["DEMO"]:
+    if cfg["DEMO"] and rank == 0:
         infer.main(["--checkpoint", str(run_dir / "best.pt"), "--output-json", str(run_dir / "test-results.json"),
                     "--num-workers", "0", "--detections-per-image", str(cfg["VAL_DETECTIONS_PER_IMAGE"])])
     return run_dir

@@ -88,7 +88,7 @@ def _sample():
     import tempfile
     tmp = Path(tempfile.mkdtemp())
     shutil.copytree(SAMPLE / "course-sample", tmp / "train" / "course-sample")
-    return CellDataset(tmp, ["course-sample"])[0]
+    return CellDataset(tmp, ["course-sample"], sizing=(800, 1333, 0.0))[0]  # the recipe's input size
 
 
 if __name__ == "__main__":

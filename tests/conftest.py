@@ -14,6 +14,7 @@ SAMPLE = SHARED / "sample_train" / "course-sample"
 # A CPU-sized model: timm's 0.4M-parameter test ResNet, thin FPN, few RoIs, small images.
 TINY = dict(BACKBONE="test_resnet", PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=False, FPN_CHANNELS=32,
             ROI_BATCH_SIZE=64, MIN_SIZE=96, MAX_SIZE=160, LOSSES="stock")
+SIZING = (TINY["MIN_SIZE"], TINY["MAX_SIZE"], 0.0)  # CellDataset(sizing=...): images at TINY's input size
 
 
 def tiny_args(**extra):

@@ -14,7 +14,7 @@ import torch
 
 import infer
 import train
-from conftest import ROOT, TINY
+from conftest import ROOT, SIZING, TINY
 from dataset import (CellDataset, DataError, TestDataset, check_train_data, list_train_ids, read_image,
                      read_label_maps, read_test_table)
 from model import build_model, load_weights
@@ -87,6 +87,8 @@ def test_one_pixel_instances_train(tmp_path):
     write_sample(tmp_path, classes={3: lab})
     image, target = CellDataset(tmp_path, ["s1"])[0]
     assert target["boxes"].tolist() == [[4, 3, 5, 4], [20, 10, 21, 11]]
+    image, target = CellDataset(tmp_path, ["s1"], sizing=SIZING)[0]  # x4: 96x120
+    assert target["boxes"].tolist() == [[16, 12, 20, 16], [80, 40, 84, 44]]
     model = build_model(TINY).train()
     loss = sum(model([image], [target]).values())
     loss.backward()

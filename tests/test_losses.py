@@ -7,7 +7,7 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import complete_box_iou_loss
 
 import losses
-from conftest import TINY
+from conftest import SIZING, TINY
 from dataset import CellDataset, list_train_ids
 from model import build_model
 
@@ -94,7 +94,7 @@ def test_mask_loss_gradients_finite_for_empty_and_tiny_masks(fill):
 def test_each_preset_trains_a_step_then_predicts(demo_dir, preset):
     torch.manual_seed(0)
     model = build_model(dict(TINY, LOSSES=preset), detections_per_image=20)
-    ds = CellDataset(demo_dir, list_train_ids(demo_dir)[:1], train=False)
+    ds = CellDataset(demo_dir, list_train_ids(demo_dir)[:1], train=False, sizing=SIZING)
     image, target = ds[0]
     empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64),
              "masks": torch.zeros((0,) + image.shape[1:], dtype=torch.uint8), "image_id": 1}
@@ -141,7 +141,7 @@ def test_preset_survives_the_checkpoint_round_trip(tmp_path, demo_dir):
     loaded, ckpt = infer.load_model(tmp_path / "best.pt", "cpu", detections_per_image=10)
     assert isinstance(loaded.roi_heads, losses.LossRoIHeads) and loaded.roi_heads.loss_classification == "focal"
     assert ckpt["config"]["LOSS_WEIGHTS"] == {"loss_boundary": 0.5}
-    image, target = CellDataset(demo_dir, list_train_ids(demo_dir)[:1])[0]
+    image, target = CellDataset(demo_dir, list_train_ids(demo_dir)[:1], sizing=SIZING)[0]
     with torch.no_grad():
         assert len(loaded([image])[0]["boxes"]) <= 10
     loaded.train()

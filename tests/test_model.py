@@ -4,7 +4,7 @@ import timm
 import torch
 from torchvision.ops import FrozenBatchNorm2d
 
-from conftest import TINY
+from conftest import SIZING, TINY
 from dataset import CellDataset, list_train_ids
 from model import PretrainedWeightsError, build_model
 
@@ -12,7 +12,7 @@ from model import PretrainedWeightsError, build_model
 def test_tiny_model_trains_a_step_and_predicts(demo_dir):
     torch.manual_seed(0)
     model = build_model(TINY, detections_per_image=50)
-    ds = CellDataset(demo_dir, list_train_ids(demo_dir)[:2], train=True)
+    ds = CellDataset(demo_dir, list_train_ids(demo_dir)[:2], train=True, sizing=SIZING)
     (im0, t0), (im1, t1) = ds[0], ds[1]
     empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64),
              "masks": torch.zeros((0,) + im1.shape[1:], dtype=torch.uint8), "image_id": 1}
@@ -97,7 +97,7 @@ def test_amp_bf16_training_step_on_cpu(demo_dir):
         train.amp_dtype("fp16", torch.device("cpu"))
     torch.manual_seed(0)
     model = build_model(TINY)
-    ds = CellDataset(demo_dir, list_train_ids(demo_dir)[:2], train=True)
+    ds = CellDataset(demo_dir, list_train_ids(demo_dir)[:2], train=True, sizing=SIZING)
     loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=collate)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     before = model.roi_heads.box_predictor.cls_score.weight.clone()

@@ -5,7 +5,7 @@ import torch
 
 import infer
 import train
-from conftest import TINY, tiny_args
+from conftest import SIZING, TINY, tiny_args
 from dataset import CellDataset, collate, list_train_ids
 from model import build_model
 from utils import load_checkpoint
@@ -14,19 +14,21 @@ from utils import load_checkpoint
 def test_short_overfit_raises_ap50(demo_dir):
     torch.manual_seed(0)
     ids = list_train_ids(demo_dir)[:2]
-    data = CellDataset(demo_dir, ids, train=False)
+    data = CellDataset(demo_dir, ids, train=False)  # own size: scored as at test time
+    sized = CellDataset(demo_dir, ids, train=False, sizing=SIZING)
     model = build_model(TINY, detections_per_image=100)
     gt = infer.val_ground_truth(data)
-    start, _ = infer.evaluate(model, data, "cpu", coco_gt=gt)
+    opts = infer.predict_options(TINY, detections_per_image=100)
+    start, _ = infer.evaluate(model, data, "cpu", opts, coco_gt=gt)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    batch = collate([data[0], data[1]])
+    batch = collate([sized[0], sized[1]])
     for step in range(80):
         model.train()
         loss = sum(model(list(batch[0]), list(batch[1])).values())
         opt.zero_grad()
         loss.backward()
         opt.step()
-    end, _ = infer.evaluate(model, data, "cpu", coco_gt=gt)
+    end, _ = infer.evaluate(model, data, "cpu", opts, coco_gt=gt)
     print(f"AP50 before {start['ap50']:.3f} after {end['ap50']:.3f}")
     assert start["ap50"] < 0.05
     assert end["ap50"] > start["ap50"] + 0.3

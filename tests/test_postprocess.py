@@ -63,28 +63,3 @@ def test_lean_mask_targets_equal_torchvision():
                          dtype=torch.float32)
     idx = torch.from_numpy(rng.integers(0, 5, 40))
     assert torch.allclose(losses.project_masks_on_boxes(gt, boxes, idx, 28), stock_project(gt, boxes, idx, 28), atol=2e-5)  # float rounding of the shifted boxes
-
-
-def test_ground_truth_masks_resized_in_uint8_chunks(monkeypatch):
-    """Same masks as torchvision's transform, and no float copy of all N masks at once."""
-    from torchvision.models.detection.transform import GeneralizedRCNNTransform
-
-    from model import BoxMaskTransform
-    rng = np.random.default_rng(0)
-    masks = torch.from_numpy((rng.random((100, 45, 61)) > 0.7).astype(np.uint8))
-    target = {"boxes": torch.tensor([[0.0, 0, 5, 5]] * 100), "labels": torch.ones(100, dtype=torch.int64),
-              "masks": masks}
-    stock = GeneralizedRCNNTransform(96, 160, [0.5] * 3, [0.2] * 3).eval()
-    ours = BoxMaskTransform(96, 160, [0.5] * 3, [0.2] * 3).eval()
-    largest = []
-    real = torch.nn.functional.interpolate
-
-    def spy(x, *a, **k):
-        if x.dtype == torch.float32 and x.shape[1] == 1:
-            largest.append(x.shape[0])
-        return real(x, *a, **k)
-    expected = stock(list(torch.rand(1, 3, 45, 61)), [dict(target)])[1][0]["masks"]
-    monkeypatch.setattr(torch.nn.functional, "interpolate", spy)
-    got = ours(list(torch.rand(1, 3, 45, 61)), [dict(target)])[1][0]["masks"]
-    assert got.dtype == torch.uint8 and torch.equal(got, expected)
-    assert max(largest) == ours.mask_chunk < 100
