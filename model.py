@@ -10,7 +10,6 @@ from collections import OrderedDict
 from pathlib import Path
 
 import timm
-import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator

@@ -13,7 +13,6 @@ import csv
 import io
 import math
 import os
-import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -208,7 +207,7 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scale
             sums[k] = sums.get(k, 0.0) + v.item()
         sums["train_loss"] = sums.get("train_loss", 0.0) + loss.item()
         now = time.time()
-        bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
                         s_it=f"{now - t_last:.2f}")
         t_last = now
     stats = mean_over_ranks({k: v / max(steps, 1) for k, v in sums.items()}, steps, device)

@@ -18,7 +18,7 @@ from conftest import ROOT, SIZING, TINY
 from dataset import (CellDataset, DataError, TestDataset, check_train_data, list_train_ids, read_image,
                      read_label_maps, read_test_table)
 from model import build_model, load_weights
-from utils import CheckpointError, atomic_write, load_checkpoint, save_checkpoint, save_json
+from utils import CheckpointError, load_checkpoint, save_checkpoint, save_json
 
 
 def write_sample(root, name="s1", image=None, classes=None):

@@ -85,6 +85,32 @@ def test_infer_writes_a_valid_submission(trained_run, demo_dir, tmp_path):
     assert metrics["tp"] + metrics["fn"] > 0 and set(metrics["per_class_ap50"]) == {1, 2, 3, 4}
 
 
+def test_sweep_matches_eval_and_overlays_are_written(trained_run):
+    run_dir, _ = trained_run
+    args = ["--checkpoint", str(run_dir / "best.pt"), "--num-workers", "0", "--detections-per-image", "50"]
+    evaluated = infer.main(args + ["--eval"])
+    swept = infer.main(args + ["--sweep", "--overlay", "2"])
+    table = swept["sweep"]
+    assert table[(0.5, 0.05)] == evaluated["ap50"]  # the sweep's AP50 at eval's thresholds is eval's AP50
+    assert {m for m, _ in table} >= {0.3, 0.5, 0.8} and {s for _, s in table} >= {0.05, 0.5}
+    csv = (run_dir / "sweep.csv").read_text().splitlines()
+    assert csv[0] == "mask_threshold,score_threshold,ap50" and len(csv) == len(table) + 1
+    import cv2
+    pngs = sorted((run_dir / "overlays").glob("*.png"))
+    assert len(pngs) == 2 and swept["overlays"] and all(p in pngs for p in swept["overlays"])
+    panel = cv2.imread(str(pngs[0]))
+    assert panel.shape[1] > 2 * panel.shape[0] - 10  # ground truth | predictions side by side
+
+
+def test_tta_and_tiling_options_on_a_trained_model(trained_run):
+    run_dir, _ = trained_run
+    args = ["--checkpoint", str(run_dir / "best.pt"), "--num-workers", "0", "--detections-per-image", "50", "--eval"]
+    tiled = infer.main(args + ["--tta", "flips+scales", "--scale", "3.0"])  # 64-96 px images x3: tiles of 53 px
+    assert 0.0 <= tiled["ap50"] <= 1.0
+    with pytest.raises(SystemExit, match="choose none, flips or flips"):
+        infer.main(args + ["--tta", "mirror"])
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"category_id": 5}, "category_id"), ({"image_id": 999}, "not in the test-id table"),
     ({"segmentation": {"size": [1, 1], "counts": "01"}}, "mask size"),
