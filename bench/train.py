@@ -1,0 +1,215 @@
+"""Training step: the report's configuration (ours) vs torchvision's stock Mask R-CNN path, same
+image, same instances, one run.
+
+    python bench/train.py                                    # CPU: resnet18 backbones, fp32
+    python bench/train.py --device cuda --amp fp16 \\
+        --backbone seresnextaa101d_32x8d.sw_in12k_ft_in1k_288 --stock-backbone resnet50   # T4-like
+
+The input is the hardest training image of HW3's kind: 1731 x 2162 px (the largest training image)
+holding 772 cells (the most in one image), the cells being real cell masks taken from
+../shared/hw3-real/val_geometry_coco.json and placed without overlap.
+
+- ours: train.py's path: CellDataset resizes the image and its 4 label maps to the input size (MIN_SIZE
+  800 / MAX_SIZE 1333) and makes the masks there, once, as uint8; the model does not resize; report
+  losses (focal, CIoU, Dice, boundary), per-RoI mask targets.
+- stock: what torchvision's references/detection do: full-size uint8 masks from the dataset,
+  GeneralizedRCNNTransform resizes them as one float32 N x H x W tensor, stock losses (the mask
+  targets roi_align another float32 copy of all masks); torchvision's resnet FPN backbone.
+
+Each side runs in a fresh process: data seconds, step seconds (forward + backward + AdamW, mean after
+a warm-up step), peak host memory above the process's level after imports, peak GPU memory
+(allocator), bytes of the masks handed to the model. Last line: the ours/stock ratios.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+GEOMETRY = ROOT.parent / "shared" / "hw3-real" / "val_geometry_coco.json"
+
+
+def rss_mb(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak():
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+    except OSError:
+        pass
+
+
+def make_sample(root, height, width, n, seed=0):
+    """DATA_DIR/train/big with n real cell masks (classes kept) placed without overlap on a height x width image."""
+    import tifffile
+    from pycocotools import mask as mask_utils
+    rng = np.random.default_rng(seed)
+    anns = json.loads(GEOMETRY.read_text())["annotations"]
+    labels = np.zeros((height, width, 4), np.float32)
+    taken = np.zeros((height, width), bool)
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = (205, 185, 215)
+    colours = {1: (75, 40, 30), 2: (135, 85, 55), 3: (120, 80, 160), 4: (60, 60, 60)}
+    placed, tries = 0, 0
+    while placed < n and tries < 100 * n:
+        tries += 1
+        ann = anns[rng.integers(len(anns))]
+        rle = ann["segmentation"]
+        full = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode() if isinstance(rle["counts"], str)
+                                  else rle["counts"]}).astype(bool)
+        x, y, w, h = (int(round(v)) for v in ann["bbox"])
+        cell = full[y:y + h, x:x + w]
+        if cell.size == 0 or h >= height or w >= width or not cell.any():
+            continue
+        y0, x0 = rng.integers(0, height - h), rng.integers(0, width - w)
+        if taken[y0:y0 + h, x0:x0 + w][cell].any():
+            continue
+        placed += 1
+        taken[y0:y0 + h, x0:x0 + w] |= cell
+        labels[y0:y0 + h, x0:x0 + w, ann["category_id"] - 1][cell] = placed
+        image[y0:y0 + h, x0:x0 + w][cell] = colours[ann["category_id"]]
+    folder = Path(root) / "train" / "big"
+    folder.mkdir(parents=True)
+    tifffile.imwrite(folder / "image.tif", image)
+    for k in range(4):
+        if labels[..., k].any():
+            tifffile.imwrite(folder / f"class{k + 1}.tif", labels[..., k].astype(np.float64))
+    return placed
+
+
+def run_one(kind, args, data_dir, queue):
+    warnings.filterwarnings("ignore")
+    import losses
+    from dataset import CellDataset, instances_from_labels, read_image, read_label_maps, to_tensor
+    from model import build_model
+    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    if kind == "ours":
+        cfg = dict(BACKBONE=args.backbone, PRETRAINED=False, FREEZE_BN=True, FPN_CHANNELS=256, ROI_BATCH_SIZE=512,
+                   MIN_SIZE=args.min_size, MAX_SIZE=args.max_size, LOSSES="report")
+        model = build_model(cfg, load_pretrained=False).to(device)
+        weights = losses.preset_weights("report")
+    else:
+        if args.stock_backbone == "resnet50":
+            model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5,
+                                          min_size=args.min_size, max_size=args.max_size)
+        else:
+            model = MaskRCNN(resnet_fpn_backbone(backbone_name=args.stock_backbone, weights=None), num_classes=5,
+                             min_size=args.min_size, max_size=args.max_size)
+        model = model.to(device)
+        weights = losses.preset_weights("stock")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=1e-3)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = rss_mb("VmRSS")
+    reset_peak()
+    t0 = time.perf_counter()
+    if kind == "ours":
+        image, target = CellDataset(data_dir, ["big"], train=True, sizing=(args.min_size, args.max_size, 0.0))[0]
+    else:  # torchvision's reference datasets hand over full-size masks; the model resizes them
+        folder = Path(data_dir) / "train" / "big"
+        rgb = read_image(folder / "image.tif")
+        masks, classes, boxes = instances_from_labels(read_label_maps(folder, rgb.shape))
+        image = to_tensor(rgb)
+        target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(classes), "masks": torch.from_numpy(masks)}
+    data_s = time.perf_counter() - t0
+    mask_mb = target["masks"].numel() * target["masks"].element_size() / 2**20
+    image = image.to(device)
+    target = {k: v.to(device) for k, v in target.items() if torch.is_tensor(v)}
+    model.train()
+    times = []
+    for step in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss_dict = model([image], [dict(target)])
+        loss = losses.weighted_total({k: v.float() for k, v in loss_dict.items()}, weights)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t)
+    gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+    queue.put({"data_s": data_s, "step_s": float(np.mean(times)), "host_mb": rss_mb("VmHWM") - base,
+               "gpu_mb": gpu_mb, "mask_mb": mask_mb, "instances": len(target["labels"]),
+               "input": list(image.shape[-2:])})
+
+
+def measure(kind, args, data_dir):
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=run_one, args=(kind, args, data_dir, queue))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        return None
+    return queue.get()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"])
+    ap.add_argument("--backbone", default="resnet18", help="ours: a timm model name")
+    ap.add_argument("--stock-backbone", default="resnet18", help="stock: torchvision resnet FPN (resnet50 = maskrcnn_resnet50_fpn)")
+    ap.add_argument("--height", type=int, default=1731)
+    ap.add_argument("--width", type=int, default=2162)
+    ap.add_argument("--instances", type=int, default=772)
+    ap.add_argument("--min-size", type=int, default=800)
+    ap.add_argument("--max-size", type=int, default=1333)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--only", choices=["ours", "stock"], help="measure one side only")
+    args = ap.parse_args()
+    device_name = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else f"CPU, {torch.get_num_threads()} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        placed = make_sample(tmp, args.height, args.width, args.instances)
+        print(f"device: {device_name}; torch {torch.__version__}; AMP {args.amp}; image {args.height}x{args.width}, "
+              f"{placed} real-shaped cells; MIN_SIZE {args.min_size} / MAX_SIZE {args.max_size}; batch 1")
+        results = {}
+        for kind in ("ours", "stock"):
+            if args.only and kind != args.only:
+                continue
+            r = measure(kind, args, tmp)
+            name = f"{kind} ({args.backbone if kind == 'ours' else args.stock_backbone})"
+            if r is None:
+                print(f"{name:>32}: failed (out of memory?)")
+                continue
+            results[kind] = r
+            print(f"{name:>32}: input {r['input'][0]}x{r['input'][1]}, {r['instances']} instances, "
+                  f"masks {r['mask_mb']:.0f} MB, data {r['data_s']:.2f} s, step {r['step_s']:.2f} s "
+                  f"({1 / r['step_s']:.3f} steps/s), peak host +{r['host_mb']:.0f} MB"
+                  + (f", peak GPU {r['gpu_mb'] / 1024:.2f} GB" if args.device.startswith("cuda") else ""))
+        if len(results) == 2:
+            o, s = results["ours"], results["stock"]
+            print(f"ours/stock: step time {o['step_s'] / s['step_s']:.2f}, peak host {o['host_mb'] / s['host_mb']:.2f}, "
+                  f"mask bytes {o['mask_mb'] / s['mask_mb']:.2f}"
+                  + (f", peak GPU {o['gpu_mb'] / s['gpu_mb']:.2f}" if args.device.startswith("cuda") else ""))
+
+
+if __name__ == "__main__":
+    main()
