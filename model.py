@@ -10,11 +10,13 @@ from collections import OrderedDict
 from pathlib import Path
 
 import timm
+import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
-from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from losses import configure_losses
@@ -116,6 +118,46 @@ class BoxMaskTransform(GeneralizedRCNNTransform):
         return result
 
 
+class BoxPair:
+    """What the RPN's box_similarity hands to ChunkedMatcher: the two box sets, not their IoU matrix."""
+
+    def __init__(self, gt_boxes, anchors):
+        self.gt_boxes, self.anchors = gt_boxes, anchors
+
+
+class ChunkedMatcher(Matcher):
+    """torchvision's Matcher, with the ground-truth x anchor IoU computed a block of anchors at a time.
+
+    The stock RPN builds the whole G x A IoU matrix, through box_iou's G x A x 2 temporaries: 772
+    cells x 410k anchors (an 800 x 999 input, 6 anchors per stride-4 position) is about 10 GB.
+    Here the peak is one block. Same matches as the stock matcher, ties included (tested)."""
+
+    block = 2**22  # IoU values per block
+
+    def __call__(self, pair):
+        gt, anchors = pair.gt_boxes, pair.anchors
+        blocks = anchors.split(max(1, self.block // len(gt)))
+        vals, idxs, best_per_gt = [], [], None
+        for a in blocks:
+            iou = box_iou(gt, a)
+            v, i = iou.max(dim=0)
+            vals.append(v)
+            idxs.append(i)
+            top = iou.max(dim=1).values
+            best_per_gt = top if best_per_gt is None else torch.maximum(best_per_gt, top)
+        matched_vals, matches = torch.cat(vals), torch.cat(idxs)
+        all_matches = matches.clone()
+        matches[matched_vals < self.low_threshold] = self.BELOW_LOW_THRESHOLD
+        matches[(matched_vals >= self.low_threshold) & (matched_vals < self.high_threshold)] = self.BETWEEN_THRESHOLDS
+        if self.allow_low_quality_matches:  # each cell keeps the anchors it overlaps most, ties included
+            start = 0
+            for a in blocks:
+                best = start + (box_iou(gt, a) == best_per_gt[:, None]).any(dim=0).nonzero()[:, 0]
+                matches[best] = all_matches[best]
+                start += len(a)
+        return matches
+
+
 def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0.5, detections_per_image=1000):
     """MaskRCNN from a run configuration (the UPPER_CASE constants of train.py).
 
@@ -148,6 +190,10 @@ def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0
         box_batch_size_per_image=cfg.get("ROI_BATCH_SIZE", 512),
     )
     model.transform.__class__ = BoxMaskTransform
+    stock = model.rpn.proposal_matcher
+    model.rpn.box_similarity = BoxPair
+    model.rpn.proposal_matcher = ChunkedMatcher(stock.high_threshold, stock.low_threshold,
+                                                stock.allow_low_quality_matches)
     return configure_losses(model, cfg.get("LOSSES", "stock"))
 
 

@@ -61,21 +61,21 @@ def apply_overrides(namespace, argv=None, description=None):
     """
     names = config_names(namespace)
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in names:
         default = namespace[name]
         flag = "--" + name.lower().replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default, dest=name,
-                                metavar="true|false")
+                                metavar="true|false", help="default: %(default)s")
         elif isinstance(default, int):
-            parser.add_argument(flag, type=int, default=default, dest=name)
+            parser.add_argument(flag, type=int, default=default, dest=name, help="default: %(default)s")
         elif isinstance(default, float):
-            parser.add_argument(flag, type=_parse_float, default=default, dest=name)
+            parser.add_argument(flag, type=_parse_float, default=default, dest=name, help="default: %(default)s")
         elif isinstance(default, (list, dict)):
-            parser.add_argument(flag, type=_parse_json, default=default, dest=name, metavar="JSON")
+            parser.add_argument(flag, type=_parse_json, default=default, dest=name, metavar="JSON", help="default: %(default)s")
         else:
-            parser.add_argument(flag, type=str, default=default, dest=name)
+            parser.add_argument(flag, type=str, default=default, dest=name, help="default: %(default)s")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     for name in names:

@@ -12,7 +12,6 @@ detections and its time and memory are scaled up linearly (they are linear in N)
 """
 import argparse
 import json
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
@@ -22,21 +21,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from procmem import in_fresh_process, reset_peak, rss_mb  # noqa: E402
 TABLE = ROOT.parent / "shared" / "hw3-real" / "test_image_name_to_ids.json"
-
-
-def rss_mb(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak():
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
-    except OSError:
-        pass
 
 
 def make_output(n, h, w, device, seed=0):
@@ -80,16 +67,6 @@ def run_one(kind, n, h, w, device, queue):
     queue.put((seconds, rss_mb("VmHWM") - base, gpu_mb, count))
 
 
-def measure(kind, n, h, w, device):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=run_one, args=(kind, n, h, w, device, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--detections", type=int, default=1000)
@@ -105,12 +82,12 @@ def main():
     ratios = []
     for label, rec in picks.items():
         h, w = rec["height"], rec["width"]
-        ours = measure("ours", args.detections, h, w, args.device)
+        ours = in_fresh_process(run_one, "ours", args.detections, h, w, args.device)
         stock_bytes = args.detections * h * w * 5  # float canvas + bool copy
         n_stock = args.detections
         if stock_bytes > args.stock_limit_gb * 2**30:
             n_stock = max(1, int(args.detections * args.stock_limit_gb * 2**30 / stock_bytes))
-        stock = measure("stock", n_stock, h, w, args.device)
+        stock = in_fresh_process(run_one, "stock", n_stock, h, w, args.device)
         scale = args.detections / n_stock
         s_time, s_mem, s_gpu = stock[0] * scale, stock[1] * scale, stock[2] * scale
         note = f" (stock measured on {n_stock} detections, scaled x{scale:.1f})" if n_stock < args.detections else ""

@@ -22,7 +22,6 @@ a warm-up step), peak host memory above the process's level after imports, peak 
 """
 import argparse
 import json
-import multiprocessing as mp
 import sys
 import tempfile
 import time
@@ -34,21 +33,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from procmem import in_fresh_process, reset_peak, rss_mb  # noqa: E402
 GEOMETRY = ROOT.parent / "shared" / "hw3-real" / "val_geometry_coco.json"
-
-
-def rss_mb(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak():
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
-    except OSError:
-        pass
 
 
 def make_sample(root, height, width, n, seed=0):
@@ -158,17 +145,6 @@ def run_one(kind, args, data_dir, queue):
                "input": list(image.shape[-2:])})
 
 
-def measure(kind, args, data_dir):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=run_one, args=(kind, args, data_dir, queue))
-    proc.start()
-    proc.join()
-    if proc.exitcode != 0:
-        return None
-    return queue.get()
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -194,7 +170,7 @@ def main():
         for kind in ("ours", "stock"):
             if args.only and kind != args.only:
                 continue
-            r = measure(kind, args, tmp)
+            r = in_fresh_process(run_one, kind, args, tmp)
             name = f"{kind} ({args.backbone if kind == 'ours' else args.stock_backbone})"
             if r is None:
                 print(f"{name:>32}: failed (out of memory?)")

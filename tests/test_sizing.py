@@ -102,3 +102,28 @@ def test_772_instance_image_masks_stay_uint8_and_under_1gb(tmp_path):
     _, targets = model.transform([image], [target])
     assert targets[0]["masks"].dtype == torch.uint8 and targets[0]["masks"].data_ptr() == masks.data_ptr()
 
+
+
+@pytest.mark.parametrize("low_quality", [True, False])
+def test_chunked_anchor_matching_equals_torchvision(low_quality):
+    from torchvision.models.detection._utils import Matcher
+    from torchvision.ops import box_iou
+
+    from model import BoxPair, ChunkedMatcher
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(3000, 2, generator=g) * 200
+    anchors = torch.cat([xy, xy + torch.rand(3000, 2, generator=g) * 40 + 1], 1)
+    anchors = torch.cat([anchors, anchors[:50]])  # duplicate anchors: ties for the low-quality matches
+    gt = anchors[torch.randperm(len(anchors), generator=g)[:70]] + torch.rand(70, 4, generator=g) * 3
+    gt[:, 2:] = torch.maximum(gt[:, 2:], gt[:, :2] + 1)
+    stock = Matcher(0.7, 0.3, allow_low_quality_matches=low_quality)
+    ours = ChunkedMatcher(0.7, 0.3, allow_low_quality_matches=low_quality)
+    ours.block = 70 * 257  # many blocks, the last one short
+    expected = stock(box_iou(gt, anchors))
+    assert (expected >= 0).sum() > 20 and torch.equal(ours(BoxPair(gt, anchors)), expected)
+
+
+def test_the_model_matches_anchors_in_blocks():
+    from model import ChunkedMatcher
+    model = build_model(TINY)
+    assert isinstance(model.rpn.proposal_matcher, ChunkedMatcher) and model.rpn.proposal_matcher.allow_low_quality_matches
