@@ -21,8 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from procmem import in_fresh_process, reset_peak, rss_mb  # noqa: E402
+from procmem import in_fresh_process, reset_peak, rss_mb  # noqa: E402  (bench/ is the script folder)
 TABLE = ROOT.parent / "shared" / "hw3-real" / "test_image_name_to_ids.json"
 
 

@@ -33,8 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from procmem import in_fresh_process, reset_peak, rss_mb  # noqa: E402
+from procmem import in_fresh_process, reset_peak, rss_mb  # noqa: E402  (bench/ is the script folder)
 GEOMETRY = ROOT.parent / "shared" / "hw3-real" / "val_geometry_coco.json"
 
 
@@ -173,7 +172,7 @@ def main():
             r = in_fresh_process(run_one, kind, args, tmp)
             name = f"{kind} ({args.backbone if kind == 'ours' else args.stock_backbone})"
             if r is None:
-                print(f"{name:>32}: failed (out of memory?)")
+                print(f"{name:>32}: failed (the error is above; killed without one = out of memory)")
                 continue
             results[kind] = r
             print(f"{name:>32}: input {r['input'][0]}x{r['input'][1]}, {r['instances']} instances, "

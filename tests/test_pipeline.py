@@ -111,6 +111,18 @@ def test_tta_and_tiling_options_on_a_trained_model(trained_run):
         infer.main(args + ["--tta", "mirror"])
 
 
+def test_training_at_a_fixed_scale_crops_and_validates_in_tiles(demo_dir, tmp_path, capsys):
+    run_dir = tmp_path / "scaled"
+    train.main(tiny_args(DATA_DIR=str(demo_dir), RUN_DIR=str(run_dir), EPOCHS=1, BATCH_SIZE=2, WARMUP_ITERS=1,
+                         VAL_FRACTION=0.34, NUM_WORKERS=0, VAL_DETECTIONS_PER_IMAGE=20, SCALE=2.0))
+    out = capsys.readouterr().out
+    assert "input x2 (random 80-px crops of larger images)" in out  # 64-96 px images x2 > MAX_SIZE 160
+    ckpt = load_checkpoint(run_dir / "last.pt")
+    assert ckpt["config"]["SCALE"] == 2.0 and 0.0 <= ckpt["state"]["history"][0]["val_ap50"] <= 1.0
+    opts = infer.predict_options(ckpt["config"])
+    assert opts["sizing"] == (TINY["MIN_SIZE"], TINY["MAX_SIZE"], 2.0)  # inference sizes as trained
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"category_id": 5}, "category_id"), ({"image_id": 999}, "not in the test-id table"),
     ({"segmentation": {"size": [1, 1], "counts": "01"}}, "mask size"),
