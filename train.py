@@ -85,7 +85,7 @@ def resolve_config(argv=None):
     ckpt = None
     if cfg["RESUME"] and cfg["RUN_DIR"]:  # a resumed run keeps its configuration, but for what is given now
         ckpt = load_checkpoint(Path(cfg["RUN_DIR"]) / "last.pt")
-        cfg = {**ckpt["config"], **{k: cfg[k] for k in given}, "RESUME": True}
+        cfg = {**cfg, **ckpt["config"], **{k: cfg[k] for k in given}, "RESUME": True}  # new constants: defaults
         given = set(ckpt["config"]) | given
     if cfg["DEMO"]:
         cfg.update({k: v for k, v in DEMO_SETTINGS.items() if k not in given})

@@ -151,6 +151,23 @@ def test_existing_run_is_not_overwritten_and_resume_continues(trained_run):
     assert (run_dir / "last.pt").stat().st_mtime_ns == mtime
 
 
+def test_resume_of_a_run_saved_before_newer_constants(trained_run, tmp_path):
+    """A last.pt written before SCALE / CUDNN_BENCHMARK existed resumes with their defaults."""
+    import shutil
+
+    from utils import save_checkpoint
+    run_dir, _ = trained_run
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    ckpt = load_checkpoint(old / "last.pt")
+    for key in ("SCALE", "CUDNN_BENCHMARK"):
+        del ckpt["config"][key]
+    save_checkpoint(ckpt, old / "last.pt")
+    train.main(["--run-dir", str(old), "--resume", "--epochs", str(ckpt["epoch"] + 1)])
+    resumed = load_checkpoint(old / "last.pt")
+    assert resumed["epoch"] == ckpt["epoch"] + 1 and resumed["config"]["SCALE"] == 0.0
+
+
 def test_resume_reproduces_the_uninterrupted_run(trained_run, tmp_path):
     """Epoch 2 after stopping at epoch 1 and resuming equals epoch 2 of the uninterrupted run."""
     run_dir, args = trained_run
