@@ -181,3 +181,33 @@ def test_resume_reproduces_the_uninterrupted_run(trained_run, tmp_path):
     resumed = load_checkpoint(interrupted / "last.pt")["state"]["history"][1]
     for key in ("train_loss", "loss_mask", "val_loss", "val_ap50", "val_ap", "lr"):
         assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-7), key
+
+
+def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(trained_run, tmp_path):
+    """SIGKILL while epoch 2 trains; --resume redoes epoch 2 from last.pt and lands where the
+    uninterrupted run did."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+    run_dir, args = trained_run
+    uninterrupted = load_checkpoint(run_dir / "last.pt")["state"]["history"][1]
+    killed = tmp_path / "killed"
+    args = list(args)
+    args[args.index("--run-dir") + 1] = str(killed)
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.time() + 300
+    while not (killed / "metrics.csv").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)  # metrics.csv is written right after epoch 1's last.pt
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 1  # killed during epoch 2
+    train.main(["--run-dir", str(killed), "--resume"])
+    resumed = load_checkpoint(killed / "last.pt")
+    assert resumed["epoch"] == 2
+    for key in ("train_loss", "loss_mask", "val_loss", "val_ap50", "val_ap", "lr"):
+        assert resumed["state"]["history"][1][key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-7), key
