@@ -21,7 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from procmem import in_fresh_process, reset_peak, rss_mb  # noqa: E402  (bench/ is the script folder)
+from procmem import in_fresh_process, rss_mb, start_peaks  # noqa: E402  (bench/ is the script folder)
 TABLE = ROOT.parent / "shared" / "hw3-real" / "test_image_name_to_ids.json"
 
 
@@ -45,11 +45,7 @@ def run_one(kind, n, h, w, device, queue):
     from torchvision.models.detection.roi_heads import paste_masks_in_image
     torch.set_num_threads(torch.get_num_threads())
     out = make_output(n, h, w, device)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base = rss_mb("VmRSS")
-    reset_peak()
+    base = start_peaks(device.startswith("cuda"))
     t0 = time.perf_counter()
     if kind == "ours":
         results = infer.to_results(out, 1, 0.5, (h, w))

@@ -26,3 +26,14 @@ def in_fresh_process(target, *args):
     proc.start()
     proc.join()
     return queue.get() if proc.exitcode == 0 else None
+
+
+def start_peaks(cuda):
+    """Zero the peak counters (host VmHWM; CUDA allocator if cuda): returns the host level to measure from."""
+    if cuda:
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = rss_mb("VmRSS")
+    reset_peak()
+    return base

@@ -33,7 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from procmem import in_fresh_process, reset_peak, rss_mb  # noqa: E402  (bench/ is the script folder)
+from procmem import in_fresh_process, rss_mb, start_peaks  # noqa: E402  (bench/ is the script folder)
 GEOMETRY = ROOT.parent / "shared" / "hw3-real" / "val_geometry_coco.json"
 
 
@@ -103,11 +103,7 @@ def run_one(kind, args, data_dir, queue):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=1e-3)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base = rss_mb("VmRSS")
-    reset_peak()
+    base = start_peaks(device.type == "cuda")
     t0 = time.perf_counter()
     if kind == "ours":
         image, target = CellDataset(data_dir, ["big"], train=True, sizing=(args.min_size, args.max_size, 0.0))[0]
