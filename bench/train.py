@@ -12,7 +12,7 @@ holding 772 cells (the most in one image), the cells being real cell masks taken
 - ours: train.py's path: CellDataset resizes the image and its 4 label maps to the input size (MIN_SIZE
   800 / MAX_SIZE 1333) and makes the masks there, once, as uint8; the model does not resize; report
   losses (focal, CIoU, Dice, boundary), per-RoI mask targets.
-- stock: what torchvision's references/detection do: full-size uint8 masks from the dataset,
+- stock: what torchvision's references/detection do: the full-size image and uint8 masks from the dataset,
   GeneralizedRCNNTransform resizes them as one float32 N x H x W tensor, stock losses (the mask
   targets roi_align another float32 copy of all masks); torchvision's resnet FPN backbone.
 
@@ -171,7 +171,7 @@ def main():
                 print(f"{name:>32}: failed (the error is above; killed without one = out of memory)")
                 continue
             results[kind] = r
-            print(f"{name:>32}: input {r['input'][0]}x{r['input'][1]}, {r['instances']} instances, "
+            print(f"{name:>32}: image to the model {r['input'][0]}x{r['input'][1]}, {r['instances']} instances, "
                   f"masks {r['mask_mb']:.0f} MB, data {r['data_s']:.2f} s, step {r['step_s']:.2f} s "
                   f"({1 / r['step_s']:.3f} steps/s), peak host +{r['host_mb']:.0f} MB"
                   + (f", peak GPU {r['gpu_mb'] / 1024:.2f} GB" if args.device.startswith("cuda") else ""))
