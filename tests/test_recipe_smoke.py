@@ -1,0 +1,39 @@
+"""The full-size recipe (SE-ResNeXt101 backbone, FPN 256, 512 RoIs, report losses) on the real course sample."""
+import warnings
+
+import torch
+
+import infer
+import losses
+import train
+from dataset import CellDataset
+from model import build_model
+
+RECIPE = {k: getattr(train, k) for k in ("BACKBONE", "FPN_CHANNELS", "ROI_BATCH_SIZE", "FREEZE_BN")}
+
+
+def test_recipe_trains_a_step_and_predicts_in_tiles_on_the_real_sample(sample_dir):
+    cfg = dict(RECIPE, PRETRAINED=False, MIN_SIZE=320, MAX_SIZE=400, LOSSES="report", SCALE=0.0)  # small input: CPU
+    assert cfg["BACKBONE"] == "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FREEZE_BN on random weights: fine for a smoke test
+        model = build_model(cfg, load_pretrained=False, detections_per_image=100)
+    image, target = CellDataset(sample_dir, ["course-sample"], sizing=(320, 400, 0.0))[0]
+    assert max(image.shape[-2:]) <= 400 and len(target["labels"]) == 161
+    model.train()
+    loss_dict = model([image], [target])
+    assert {"loss_classifier", "loss_box_ciou", "loss_dice", "loss_boundary"} <= set(loss_dict)
+    loss = losses.weighted_total(loss_dict, losses.preset_weights("report"))
+    loss.backward()
+    assert torch.isfinite(loss)
+    backbone_grads = [p.grad for p in model.backbone.body.parameters() if p.grad is not None]
+    assert backbone_grads and all(torch.isfinite(g).all() for g in backbone_grads)
+    model.eval()
+    original, _ = CellDataset(sample_dir, ["course-sample"])[0]  # 397 x 482: at x1 it passes 400, so 2 tiles
+    opts = infer.predict_options(dict(cfg, SCALE=1.0), detections_per_image=100)
+    with torch.no_grad():
+        out = infer.predict_tta(model, original, opts)
+    records = infer.to_results(out, 1, 0.5, original.shape[-2:])
+    assert len(records) == len(out["boxes"]) <= 100
+    assert all(r["segmentation"]["size"] == [397, 482] for r in records)
