@@ -316,6 +316,8 @@ def read_test_table(data_dir):
 class TestDataset(torch.utils.data.Dataset):
     """The images listed in the test-id table. Items: (image float CxHxW in [0,1], record)."""
 
+    __test__ = False  # not a pytest test class, whatever its name
+
     def __init__(self, data_dir, table=None):
         self.dir = Path(data_dir) / "test_release"
         self.table = read_test_table(data_dir) if table is None else table

@@ -191,7 +191,7 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scale
             optimizer.zero_grad(set_to_none=True)
             if skipped_in_a_row >= MAX_SKIPPED_STEPS:
                 raise FloatingPointError(
-                    f"{skipped_in_a_row} consecutive non-finite losses ({ {k: float(v) for k, v in loss_dict.items()} }); "
+                    f"{skipped_in_a_row} consecutive non-finite losses ({ {k: v.item() for k, v in loss_dict.items()} }); "
                     "lower LR, raise WARMUP_ITERS or check the data")
             continue
         skipped_in_a_row = 0
