@@ -106,7 +106,7 @@ def run_one(kind, args, data_dir, queue):
     base = start_peaks(device.type == "cuda")
     t0 = time.perf_counter()
     if kind == "ours":
-        image, target = CellDataset(data_dir, ["big"], train=True, sizing=(args.min_size, args.max_size, 0.0))[0]
+        image, target = CellDataset(data_dir, ["big"], train=True, sizing=(args.min_size, args.max_size, args.scale))[0]
     else:  # torchvision's reference datasets hand over full-size masks; the model resizes them
         folder = Path(data_dir) / "train" / "big"
         rgb = read_image(folder / "image.tif")
@@ -151,6 +151,7 @@ def main():
     ap.add_argument("--instances", type=int, default=772)
     ap.add_argument("--min-size", type=int, default=800)
     ap.add_argument("--max-size", type=int, default=1333)
+    ap.add_argument("--scale", type=float, default=0.0, help="ours: SCALE (2.0: a random 666-px crop at 2x)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--only", choices=["ours", "stock"], help="measure one side only")
@@ -160,7 +161,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         placed = make_sample(tmp, args.height, args.width, args.instances)
         print(f"device: {device_name}; torch {torch.__version__}; AMP {args.amp}; image {args.height}x{args.width}, "
-              f"{placed} real-shaped cells; MIN_SIZE {args.min_size} / MAX_SIZE {args.max_size}; batch 1")
+              f"{placed} real-shaped cells; MIN_SIZE {args.min_size} / MAX_SIZE {args.max_size}"
+              + (f"; ours at SCALE {args.scale:g}" if args.scale else "") + "; batch 1")
         results = {}
         for kind in ("ours", "stock"):
             if args.only and kind != args.only:
