@@ -323,17 +323,23 @@ def val_ground_truth(dataset):
     return coco_ground_truth(images())
 
 
-def val_loader(dataset, num_workers=0):
+def in_order_loader(dataset, num_workers=0):
+    """One image at a time, in the dataset's order (validation and test)."""
     return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate,
                                        num_workers=num_workers)
+
+
+def val_predictions(model, dataset, device, opts, num_workers=0):
+    """raw_predictions of a CellDataset at its own image size (sizing None); image ids = dataset indices."""
+    return raw_predictions(model, in_order_loader(dataset, num_workers), device, opts, lambda t: t["image_id"],
+                           "validate")
 
 
 def evaluate(model, dataset, device, opts, mask_threshold=MASK_THRESHOLD, coco_gt=None, num_workers=0):
     """Leaderboard-style segm AP50 (maxDets 100) and AP@[.5:.95] on a CellDataset at its own image
     size (sizing None): the model input is sized, tiled and augmented as at test time."""
     coco_gt = coco_gt if coco_gt is not None else val_ground_truth(dataset)
-    raw = raw_predictions(model, val_loader(dataset, num_workers), device, opts, lambda t: t["image_id"], "validate")
-    results = to_records(raw, mask_threshold)
+    results = to_records(val_predictions(model, dataset, device, opts, num_workers), mask_threshold)
     return coco_evaluate(coco_gt, results, max_dets=100), results
 
 
@@ -376,21 +382,23 @@ def draw_outlines(rgb, masks_and_labels):
     return canvas
 
 
-def write_overlays(dataset, raw, mask_threshold, out_dir, n, min_score=0.5):
-    """PNG per val image: ground truth (left) beside predictions scoring >= min_score (right)."""
+def write_overlays(dataset, results, out_dir, n, min_score=0.5):
+    """PNG for each of the first n images of a CellDataset: ground truth (left) beside its records
+    (image_id = dataset index) scoring >= min_score (right)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for image_id, size, out in raw[:n]:
+    for image_id in range(min(n, len(dataset))):
         image, target = dataset[image_id]
+        size = image.shape[-2:]
         rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         truth = draw_outlines(rgb, zip(target["masks"].numpy(), target["labels"].tolist()))
-        shown = [r for r in to_results(out, image_id, mask_threshold, size) if r["score"] >= min_score]
+        shown = [r for r in results if r["image_id"] == image_id and r["score"] >= min_score]
         pred = draw_outlines(rgb, ((utils.decode_mask(r["segmentation"]), r["category_id"]) for r in shown))
         panel = np.concatenate([truth, np.full((size[0], 4, 3), 255, np.uint8), pred], 1)
         zoom = max(1, math.ceil(256 / max(size)))  # small images enlarged (nearest) to stay legible
         panel = np.repeat(np.repeat(panel, zoom, 0), zoom, 1)
-        ok, png = cv2.imencode(".png", panel[..., ::-1])
+        _, png = cv2.imencode(".png", panel[..., ::-1])
         path = out_dir / f"{dataset.ids[image_id]}.png"
         with utils.atomic_write(path, "wb") as f:
             f.write(png.tobytes())
@@ -444,8 +452,7 @@ def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
         raise SystemExit(f"{checkpoint} has no validation split to evaluate (trained with VAL_FRACTION 0)")
     dataset = CellDataset(data_dir, ckpt["val_ids"], train=False)
     coco_gt = val_ground_truth(dataset)
-    raw = raw_predictions(model, val_loader(dataset, cfg["NUM_WORKERS"]), device, opts, lambda t: t["image_id"],
-                          "validate")
+    raw = val_predictions(model, dataset, device, opts, cfg["NUM_WORKERS"])
     results = to_records(raw, cfg["MASK_THRESHOLD"])
     metrics = coco_evaluate(coco_gt, results, max_dets=100)
     metrics["ap50_maxdets1000"] = coco_evaluate(coco_gt, results, max_dets=1000)["ap50"]
@@ -462,7 +469,7 @@ def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
         print(f"wrote {out_dir / 'sweep.csv'}")
         metrics["sweep"] = table
     if cfg["OVERLAY"] > 0:
-        paths = write_overlays(dataset, raw, cfg["MASK_THRESHOLD"], out_dir / "overlays", cfg["OVERLAY"])
+        paths = write_overlays(dataset, results, out_dir / "overlays", cfg["OVERLAY"])
         print(f"wrote {len(paths)} overlay(s) to {out_dir / 'overlays'} (left: ground truth, right: predictions "
               "scoring >= 0.5; class 1 red, 2 green, 3 blue, 4 yellow)")
         metrics["overlays"] = paths
@@ -470,7 +477,7 @@ def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
 
 
 def main(argv=None):
-    ns = {k: v for k, v in globals().items() if k.isupper() and not k.startswith(("SWEEP_", "CLASS_", "FIELDS"))}
+    ns = {k: v for k, v in globals().items() if k.isupper() and not k.startswith(("SWEEP_", "CLASS_"))}
     cfg, _ = apply_overrides(ns, argv, description=__doc__)
     device = pick_device(cfg["DEVICE"])
     checkpoint = cfg["CHECKPOINT"] or newest_checkpoint()
@@ -493,9 +500,7 @@ def main(argv=None):
     if dataset.unlisted:
         print(f"warning: {len(dataset.unlisted)} file(s) in {dataset.dir} are not in the id table and are "
               f"skipped, e.g. {dataset.unlisted[0]}", file=sys.stderr)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate,
-                                         num_workers=cfg["NUM_WORKERS"])
-    results = predict(model, loader, device, cfg["MASK_THRESHOLD"], lambda rec: rec["id"], opts, desc="test")
+    results = predict(model, in_order_loader(dataset, cfg["NUM_WORKERS"]), device, cfg["MASK_THRESHOLD"], lambda rec: rec["id"], opts, desc="test")
     write_submission(results, dataset.table, cfg["OUTPUT_JSON"])
     print(f"wrote {cfg['OUTPUT_JSON']}: {len(results)} detections on {len(dataset)} images "
           f"in {time.time() - t0:.1f}s")
@@ -511,5 +516,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, SubmissionError, CheckpointError, OSError, FileNotFoundError) as e:
+    except (DataError, SubmissionError, CheckpointError, OSError) as e:
         raise SystemExit(f"error: {e}") from None

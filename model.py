@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
@@ -109,12 +109,11 @@ class BoxMaskTransform(GeneralizedRCNNTransform):
         return image, target
 
     def postprocess(self, result, image_shapes, original_image_sizes):
-        if self.training:
-            return result
-        for pred, im_s, o_im_s in zip(result, image_shapes, original_image_sizes):
-            pred["boxes"] = resize_boxes(pred["boxes"], im_s, o_im_s)
-            if "masks" in pred:
-                pred["mask_probs"] = pred.pop("masks")
+        """Boxes are already in the input's pixels (nothing was resized); masks stay box-relative."""
+        if not self.training:
+            for pred in result:
+                if "masks" in pred:
+                    pred["mask_probs"] = pred.pop("masks")
         return result
 
 

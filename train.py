@@ -10,6 +10,7 @@ Every UPPER_CASE constant below can be set from the command line as --lower-case
 A run folder gets config.json, split.json, metrics.csv, learning_curve.png, last.pt and best.pt.
 """
 import csv
+import hashlib
 import io
 import math
 import os
@@ -159,10 +160,6 @@ def mean_over_ranks(stats, steps, device):
     return {k: float(v) / max(float(t[-1]), 1.0) for k, v in zip(keys, t[:-1])}
 
 
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None):
     """One pass over the training split; returns the mean of each loss term and the step count skipped.
     dtype: autocast dtype (None = full precision); scaler: a GradScaler for fp16. Under DDP the figures
@@ -269,12 +266,11 @@ def plot_curves(history, path):
         f.write(buf.getvalue())
 
 
-def check_ranks_in_sync(model, device):
+def check_ranks_in_sync(model):
     """After DDP training every process must hold the same parameters (the saved ones are rank 0's):
     compare a SHA-256 of each process's parameters. Returns the digest."""
-    import hashlib
     digest = hashlib.sha256()
-    for p in unwrap(model).parameters():
+    for p in model.parameters():
         digest.update(p.detach().float().cpu().numpy().tobytes())
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest.hexdigest())
@@ -334,7 +330,7 @@ def train(cfg, ckpt, rank, world, device):
         train_set, batch_size=cfg["BATCH_SIZE"], shuffle=sampler is None, sampler=sampler, collate_fn=collate,
         generator=generator, num_workers=cfg["NUM_WORKERS"], pin_memory=device.type == "cuda",
         persistent_workers=cfg["NUM_WORKERS"] > 0)
-    loss_loader = infer.val_loader(CellDataset(cfg["DATA_DIR"], val_ids, train=False, sizing=sizing),
+    loss_loader = infer.in_order_loader(CellDataset(cfg["DATA_DIR"], val_ids, train=False, sizing=sizing),
                                    cfg["NUM_WORKERS"])
 
     # ---- model, optimiser, schedule --------------------------------------------------------------
@@ -427,7 +423,7 @@ def train(cfg, ckpt, rank, world, device):
             f"val loss {row['val_loss']:.4f}  val AP50 {row['val_ap50']:.4f}  AP {row['val_ap']:.4f}  "
             f"lr {row['lr']:.2e}  {row['epoch_seconds']:.0f}s" + ("  (best)" if improved else ""))
     if distributed():
-        digest = check_ranks_in_sync(model, device)
+        digest = check_ranks_in_sync(net)
         log(f"DDP: the {world} processes hold identical weights (parameters sha256 {digest[:16]})")
     log(f"done after {state['epoch']} epochs: best val AP50 {state['best_ap50']:.4f}; {run_dir}/best.pt")
 

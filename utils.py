@@ -65,17 +65,17 @@ def apply_overrides(namespace, argv=None, description=None):
     for name in names:
         default = namespace[name]
         flag = "--" + name.lower().replace("_", "-")
+        common = dict(default=default, dest=name, help="default: %(default)s")
         if isinstance(default, bool):
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, default=default, dest=name,
-                                metavar="true|false", help="default: %(default)s")
+            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="true|false", **common)
         elif isinstance(default, int):
-            parser.add_argument(flag, type=int, default=default, dest=name, help="default: %(default)s")
+            parser.add_argument(flag, type=int, **common)
         elif isinstance(default, float):
-            parser.add_argument(flag, type=_parse_float, default=default, dest=name, help="default: %(default)s")
+            parser.add_argument(flag, type=_parse_float, **common)
         elif isinstance(default, (list, dict)):
-            parser.add_argument(flag, type=_parse_json, default=default, dest=name, metavar="JSON", help="default: %(default)s")
+            parser.add_argument(flag, type=_parse_json, metavar="JSON", **common)
         else:
-            parser.add_argument(flag, type=str, default=default, dest=name, help="default: %(default)s")
+            parser.add_argument(flag, type=str, **common)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     for name in names:
