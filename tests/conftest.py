@@ -17,6 +17,20 @@ TINY = dict(BACKBONE="test_resnet", PRETRAINED=False, PRETRAINED_WEIGHTS="", FRE
 SIZING = (TINY["MIN_SIZE"], TINY["MAX_SIZE"], 0.0)  # CellDataset(sizing=...): images at TINY's input size
 
 
+def write_sample(root, name="s1", image=None, classes=None):
+    """DATA_DIR/train/<name>: image.tif (LZW; default a 24x30 RGBA) and class<k>.tif (float64) for each
+    {k: label map} of classes."""
+    import numpy as np
+    import tifffile
+    folder = root / "train" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    image = np.full((24, 30, 4), 200, np.uint8) if image is None else image
+    tifffile.imwrite(folder / "image.tif", image, compression="lzw")
+    for k, lab in (classes or {}).items():
+        tifffile.imwrite(folder / f"class{k}.tif", np.asarray(lab, np.float64))
+    return folder
+
+
 def tiny_args(**extra):
     """TINY (plus extra) as train.py command-line arguments."""
     import json

@@ -14,21 +14,11 @@ import torch
 
 import infer
 import train
-from conftest import ROOT, SIZING, TINY
+from conftest import ROOT, SIZING, TINY, write_sample
 from dataset import (CellDataset, DataError, TestDataset, check_train_data, list_train_ids, read_image,
                      read_label_maps, read_test_table)
 from model import build_model, load_weights
 from utils import CheckpointError, load_checkpoint, save_checkpoint, save_json
-
-
-def write_sample(root, name="s1", image=None, classes=None):
-    folder = root / "train" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    image = np.full((24, 30, 4), 200, np.uint8) if image is None else image
-    tifffile.imwrite(folder / "image.tif", image, compression="lzw")
-    for k, lab in (classes or {}).items():
-        tifffile.imwrite(folder / f"class{k}.tif", np.asarray(lab, np.float64))
-    return folder
 
 
 def blob(shape=(24, 30), ids=((5, 5, 1),)):

@@ -13,7 +13,7 @@ def test_tiny_model_trains_a_step_and_predicts(demo_dir):
     torch.manual_seed(0)
     model = build_model(TINY, detections_per_image=50)
     ds = CellDataset(demo_dir, list_train_ids(demo_dir)[:2], train=True, sizing=SIZING)
-    (im0, t0), (im1, t1) = ds[0], ds[1]
+    (im0, t0), (im1, _) = ds[0], ds[1]
     empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64),
              "masks": torch.zeros((0,) + im1.shape[1:], dtype=torch.uint8), "image_id": 1}
     model.train()

@@ -3,22 +3,12 @@ import tracemalloc
 
 import numpy as np
 import pytest
-import tifffile
 import torch
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from conftest import TINY
+from conftest import TINY, write_sample
 from dataset import CellDataset, instances_from_labels, resize_factor, resize_image, resize_labels
 from model import build_model
-
-
-def write_sample(root, image, labels, name="s1"):
-    folder = root / "train" / name
-    folder.mkdir(parents=True, exist_ok=True)
-    tifffile.imwrite(folder / "image.tif", image)
-    for k in range(labels.shape[-1]):
-        if labels[..., k].any():
-            tifffile.imwrite(folder / f"class{k + 1}.tif", labels[..., k].astype(np.float64))
 
 
 def random_labels(rng, h, w, n, size=(3, 9)):
@@ -64,7 +54,9 @@ def test_model_does_not_resize_its_input():
 
 def test_fixed_scale_crops_training_images_and_shrinks_validation_ones(tmp_path):
     rng = np.random.default_rng(0)
-    write_sample(tmp_path, rng.integers(0, 255, (300, 200, 3), dtype=np.uint8), random_labels(rng, 300, 200, 60))
+    labels = random_labels(rng, 300, 200, 60)
+    write_sample(tmp_path, image=rng.integers(0, 255, (300, 200, 3), dtype=np.uint8),
+                 classes={k + 1: labels[..., k] for k in range(4) if labels[..., k].any()})
     sizing = (96, 160, 2.0)
     torch.manual_seed(0)
     crops = [CellDataset(tmp_path, ["s1"], train=True, sizing=sizing)[0] for _ in range(3)]
@@ -86,10 +78,7 @@ def test_772_instance_image_masks_stay_uint8_and_under_1gb(tmp_path):
     for i in range(n):
         y, x = divmod(i, w // (side + 10))
         labels[y * (side + 10):y * (side + 10) + side, x * (side + 10):x * (side + 10) + side] = i + 1
-    folder = tmp_path / "train" / "big"
-    folder.mkdir(parents=True)
-    tifffile.imwrite(folder / "image.tif", np.full((h, w, 3), 128, np.uint8))
-    tifffile.imwrite(folder / "class2.tif", labels.astype(np.float64))
+    write_sample(tmp_path, "big", image=np.full((h, w, 3), 128, np.uint8), classes={2: labels})
     dataset = CellDataset(tmp_path, ["big"], train=True, sizing=(800, 1333, 0.0))
     tracemalloc.start()
     image, target = dataset[0]
