@@ -13,6 +13,9 @@ import timm
 import torch
 from torch import nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
@@ -117,6 +120,45 @@ class BoxMaskTransform(GeneralizedRCNNTransform):
         return result
 
 
+# ---- fp32 box geometry under autocast ----------------------------------------------------------
+# Under AMP the convolutions run in fp16/bf16, and torchvision lets box geometry follow them:
+# AnchorGenerator takes its dtype from the feature maps (bf16 anchors snap to 4-8 px steps near
+# x = 1000) and BoxCoder.decode casts proposals to the deltas' dtype. Validation and inference run
+# in fp32, so training would see other anchors and proposals than test time, and CIoU of perfect
+# deltas would not be 0. The classes below keep anchors, the heads' box and mask outputs, and so
+# every proposal, decoded box and loss input in fp32; the layers themselves (but the tiny box
+# predictor) still run in half precision. They change no parameter or state_dict key.
+class Float32AnchorGenerator(AnchorGenerator):
+    """torchvision's AnchorGenerator, always in fp32 (it reads only the feature maps' shape, dtype, device)."""
+
+    def forward(self, image_list, feature_maps):
+        shapes = [torch.empty((), dtype=torch.float32, device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
+class Float32RPNHead(RPNHead):
+    """The RPN head's convolutions under autocast; its objectness and box deltas handed on in fp32."""
+
+    def forward(self, x):
+        logits, deltas = super().forward(x)
+        return [t.float() for t in logits], [t.float() for t in deltas]
+
+
+class Float32BoxPredictor(FastRCNNPredictor):
+    """The box predictor (two small linear layers) computed in fp32: class scores and box deltas."""
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            return super().forward(x.float())
+
+
+class Float32MaskPredictor(MaskRCNNPredictor):
+    """The mask predictor's mask logits handed on in fp32 (mask losses in fp32)."""
+
+    def forward(self, x):
+        return super().forward(x).float()
+
+
 class BoxPair:
     """What the RPN's box_similarity hands to ChunkedMatcher: the two box sets, not their IoU matrix."""
 
@@ -174,7 +216,7 @@ def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0
         body = freeze_batchnorm(body)
     backbone = TimmFPN(body, cfg.get("FPN_CHANNELS", FPN_CHANNELS))
     data_cfg = body.pretrained_cfg
-    anchors = AnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES))
+    anchors = Float32AnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES))
     model = MaskRCNN(
         backbone,
         num_classes=NUM_CLASSES + 1,
@@ -189,6 +231,9 @@ def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0
         box_batch_size_per_image=cfg.get("ROI_BATCH_SIZE", 512),
     )
     model.transform.__class__ = BoxMaskTransform
+    model.rpn.head.__class__ = Float32RPNHead
+    model.roi_heads.box_predictor.__class__ = Float32BoxPredictor
+    model.roi_heads.mask_predictor.__class__ = Float32MaskPredictor
     stock = model.rpn.proposal_matcher
     model.rpn.box_similarity = BoxPair
     model.rpn.proposal_matcher = ChunkedMatcher(stock.high_threshold, stock.low_threshold,
