@@ -111,14 +111,17 @@ def project_masks_on_boxes(gt_masks, boxes, matched_idxs, M):
     if len(boxes) == 0:
         return torch.zeros((0, M, M), dtype=torch.float32, device=gt_masks.device)
     h, w = gt_masks.shape[-2:]
-    b = boxes.detach()
+    b = boxes.detach().float()
     crops = torch.stack([(b[:, 0].floor() - 1).clamp(0, w), (b[:, 1].floor() - 1).clamp(0, h),
                          (b[:, 2].ceil() + 2).clamp(0, w), (b[:, 3].ceil() + 2).clamp(0, h)], 1)
+    # every RoI in its crop's frame, as roi_align's (batch index 0, x0, y0, x1, y1) rows: made on the
+    # device in one go (no small host tensor copied per RoI)
+    rois = torch.cat([b.new_zeros(len(b), 1), b - crops[:, [0, 1, 0, 1]]], 1)
     targets = []
-    for (x0, y0, x1, y1), box, idx in zip(crops.long().tolist(), b, matched_idxs.tolist()):  # one host sync
+    windows = torch.cat([crops.long(), matched_idxs[:, None].to(crops.device)], 1).tolist()  # the one host sync
+    for n, (x0, y0, x1, y1, idx) in enumerate(windows):
         crop = gt_masks[idx, y0:y1, x0:x1][None, None].float()
-        roi = torch.cat([box.new_zeros(1), box - box.new_tensor([x0, y0, x0, y0])])[None]
-        targets.append(roi_align(crop, roi, (M, M), 1.0)[0, 0])
+        targets.append(roi_align(crop, rois[n:n + 1], (M, M), 1.0)[0, 0])
     return torch.stack(targets)
 
 
