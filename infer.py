@@ -126,7 +126,9 @@ def to_results(output, image_id, mask_threshold, image_size):
     """One image's model output -> submission records (bbox xywh, RLE with str counts).
 
     Each box-relative mask is pasted into its box region and encoded from there: memory grows with
-    the image, not with detections x image."""
+    the image, not with detections x image. A detection whose mask is empty after thresholding is
+    dropped: it could only be a false positive, and it would take one of the 100 detections per
+    image and class that the leaderboard counts."""
     boxes = output["boxes"].detach().cpu()
     if len(boxes) == 0:
         return []
@@ -138,6 +140,8 @@ def to_results(output, image_id, mask_threshold, image_size):
     for prob, pbox, box, score, label in zip(probs[:, 0], pasted_boxes, boxes.tolist(), output["scores"].tolist(),
                                              output["labels"].tolist()):
         region, y0, x0 = paste_in_box(prob, pbox, height, width, mask_threshold)
+        if not region.any():
+            continue
         x_min, y_min, x_max, y_max = box
         results.append({"image_id": int(image_id), "bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
                         "score": float(score), "category_id": int(label),
@@ -306,11 +310,6 @@ def raw_predictions(model, loader, device, opts, image_id_of, desc="predict"):
 
 def to_records(raw, mask_threshold):
     return [r for image_id, size, out in raw for r in to_results(out, image_id, mask_threshold, size)]
-
-
-def predict(model, loader, device, mask_threshold, image_id_of, opts, desc="predict"):
-    """Submission records of every image of a loader."""
-    return to_records(raw_predictions(model, loader, device, opts, image_id_of, desc), mask_threshold)
 
 
 def val_ground_truth(dataset):
@@ -500,10 +499,14 @@ def main(argv=None):
     if dataset.unlisted:
         print(f"warning: {len(dataset.unlisted)} file(s) in {dataset.dir} are not in the id table and are "
               f"skipped, e.g. {dataset.unlisted[0]}", file=sys.stderr)
-    results = predict(model, in_order_loader(dataset, cfg["NUM_WORKERS"]), device, cfg["MASK_THRESHOLD"], lambda rec: rec["id"], opts, desc="test")
+    raw = raw_predictions(model, in_order_loader(dataset, cfg["NUM_WORKERS"]), device, opts, lambda rec: rec["id"],
+                          desc="test")
+    results = to_records(raw, cfg["MASK_THRESHOLD"])
     write_submission(results, dataset.table, cfg["OUTPUT_JSON"])
+    dropped = sum(len(out["boxes"]) for _, _, out in raw) - len(results)
     print(f"wrote {cfg['OUTPUT_JSON']}: {len(results)} detections on {len(dataset)} images "
-          f"in {time.time() - t0:.1f}s")
+          f"in {time.time() - t0:.1f}s ({dropped} detection(s) dropped: mask empty at MASK_THRESHOLD "
+          f"{cfg['MASK_THRESHOLD']})")
     empty = len(dataset) - len({r["image_id"] for r in results})
     if empty:
         print(f"note: {empty} image(s) have no detection above SCORE_THRESHOLD (valid: they simply score 0)")

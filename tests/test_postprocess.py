@@ -37,10 +37,23 @@ def test_fast_path_equals_stock_path(h, w, threshold):
     out["mask_probs"][:2] = 0.99
     ours = infer.to_results(out, 7, threshold, (h, w))
     counts, masks = stock_results(out, (h, w), threshold)
+    kept = masks.any((1, 2))  # the stock path also writes detections whose mask is empty; ours drops them
+    counts, masks = [c for c, k in zip(counts, kept) if k], masks[kept]
     assert [r["segmentation"]["counts"] for r in ours] == counts
     for r, m in zip(ours, masks):
         assert r["segmentation"]["size"] == [h, w]
         assert (decode_mask(r["segmentation"]) == m).all()
+
+
+def test_detections_whose_mask_is_empty_are_dropped():
+    out = {"boxes": torch.tensor([[2.0, 2.0, 12.0, 12.0], [20.0, 5.0, 30.0, 15.0], [5.0, 20.0, 15.0, 30.0]]),
+           "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([1, 2, 3]),
+           "mask_probs": torch.full((3, 1, 28, 28), 0.9)}
+    out["mask_probs"][1] = 0.2  # nothing above the threshold: a sure false positive
+    records = infer.to_results(out, 1, 0.5, (40, 40))
+    assert [r["category_id"] for r in records] == [1, 3]
+    assert all(decode_mask(r["segmentation"]).any() for r in records)
+    assert len(infer.to_results(out, 1, 0.1, (40, 40))) == 3
 
 
 def test_region_rle_edge_cases():
