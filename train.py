@@ -52,8 +52,8 @@ LR_PATIENCE = 2               # ReduceLROnPlateau on val AP50 ...
 LR_FACTOR = 0.5               # ... multiplies the LR by this
 EARLY_STOP_PATIENCE = 7       # stop after this many epochs without a better val AP50
 GRAD_CLIP = 10.0              # max gradient norm; 0 = off
-AMP = "auto"                  # mixed precision for training: auto (CUDA: bf16 if supported, else fp16 +
-                              # GradScaler, e.g. T4; CPU: off) | fp16 | bf16 | off
+AMP = "auto"                  # mixed precision for training: auto (GPU of capability >= 8.0: bf16; older GPUs
+                              # such as T4/P100: fp16 + GradScaler; CPU: off) | fp16 | bf16 | off
 VAL_FRACTION = 0.1
 VAL_DETECTIONS_PER_IMAGE = 1000  # as the submission keeps
 MASK_THRESHOLD = 0.5          # for validation AP
@@ -62,7 +62,9 @@ LOSSES = "stock"              # loss preset: stock | ciou_dice_boundary | report
 LOSS_WEIGHTS = {}             # {"loss_boundary": 0.5, ...}: overrides the preset's weight of a term
 NUM_WORKERS = 2
 DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ... (under torchrun: each process its LOCAL_RANK GPU)
-CUDNN_BENCHMARK = True        # let cuDNN pick the fastest kernels per input shape (shapes repeat every epoch)
+CUDNN_BENCHMARK = False       # true: cuDNN times kernels for every new input shape. Off: every image has its own
+                              # size (and the mask head's RoI count changes every step), so it would re-tune
+                              # again and again, with workspace spikes on a 16 GB T4 (README: AMP and speed)
 RESUME = False                # continue RUN_DIR from its last.pt
 DEMO = False                  # synthetic data + the CPU settings below, then inference
 # ------------------------------------------------------------------------------------------------
@@ -99,18 +101,40 @@ def resolve_config(argv=None):
     return cfg, ckpt
 
 
-def amp_dtype(setting, device):
-    """The autocast dtype for AMP on this device, or None for full precision."""
-    setting = setting.lower()
+def amp_rule(setting, capability):
+    """(autocast dtype or None, why) for an AMP setting on a device of CUDA compute `capability`
+    ((major, minor); None for the CPU).
+
+    bf16 only where the GPU has it natively (capability >= 8.0: A100, L4, RTX 30xx and newer). A T4
+    (7.5) or P100 (6.0) would run bf16 through emulation, slower than fp32 for convolutions (and
+    torch.cuda.is_bf16_supported() answers True there, since it counts emulation), so they get fp16
+    with a GradScaler. `auto` leaves the CPU in fp32; fp16/bf16 force autocast on the CPU too."""
+    setting = str(setting).lower()
     if setting not in ("auto", "fp16", "bf16", "off"):
         raise SystemExit(f"--amp {setting!r}: choose auto, fp16, bf16 or off")
-    if setting == "off" or (setting == "auto" and device.type != "cuda"):
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if setting == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs a CUDA device (use bf16 on CPU)")
-    return torch.float16 if setting == "fp16" else torch.bfloat16
+    where = "the CPU" if capability is None else f"a GPU of compute capability {capability[0]}.{capability[1]}"
+    native_bf16 = capability is not None and tuple(capability) >= (8, 0)
+    if setting == "off":
+        return None, "--amp off"
+    if setting == "fp16":
+        return torch.float16, f"--amp fp16 on {where} (fp16 autocast + GradScaler)"
+    if setting == "bf16":
+        if capability is not None and not native_bf16:
+            raise SystemExit(f"--amp bf16: {where} has no native bf16 (needs capability 8.0 or newer); emulated "
+                             "bf16 is slower than fp32 there. Use --amp fp16 (or auto), or --amp off")
+        return torch.bfloat16, f"--amp bf16 on {where}"
+    if capability is None:
+        return None, "auto: full precision on the CPU (--amp fp16 or bf16 forces autocast)"
+    if native_bf16:
+        return torch.bfloat16, f"auto: bf16, native on {where}"
+    return torch.float16, f"auto: fp16 + GradScaler, {where} has no native bf16"
+
+
+def amp_dtype(setting, device):
+    """amp_rule for a torch.device: (autocast dtype or None, why)."""
+    device = torch.device(device)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    return amp_rule(setting, capability)
 
 
 def to_device(images, targets, device):
@@ -158,6 +182,77 @@ def mean_over_ranks(stats, steps, device):
     t = torch.tensor([stats[k] * steps for k in keys] + [float(steps)], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return {k: float(v) / max(float(t[-1]), 1.0) for k, v in zip(keys, t[:-1])}
+
+
+class PeerFailure(RuntimeError):
+    """Another DDP process failed; this one stops instead of waiting in a collective for the timeout."""
+
+
+def on_rank0(what, fn):
+    """fn() on rank 0 (validation, saving), its result handed to every process. Where it raises, rank 0
+    tells the others before re-raising, so they stop at once with a message naming rank 0 and its error
+    instead of waiting in their next collective for the process-group timeout (hours)."""
+    if not distributed():
+        return fn()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 -- re-raised below, after the others were told
+            error = e
+    box = [result, None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[1] is not None:
+        raise PeerFailure(f"rank 0 failed while {what} ({box[1]}); rank {dist.get_rank()} stops too")
+    return box[0]
+
+
+def make_train_loader(train_set, cfg, rank, world, device):
+    """The training DataLoader of this process. Under DDP each process reads a shuffled 1/world share
+    (DistributedSampler, the same permutation on every process, reshuffled by set_epoch), and draws its
+    augmentation from its own stream: the loader's generator (which seeds the workers) starts at
+    SEED + rank, so worker k of rank 0 and of rank 1 flip, rotate and crop differently.
+    Returns (loader, sampler or None, generator)."""
+    generator = torch.Generator().manual_seed(cfg["SEED"] + rank)
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=cfg["SEED"])
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg["BATCH_SIZE"], shuffle=sampler is None, sampler=sampler, collate_fn=collate,
+        generator=generator, num_workers=cfg["NUM_WORKERS"], pin_memory=device.type == "cuda",
+        persistent_workers=cfg["NUM_WORKERS"] > 0)
+    return loader, sampler, generator
+
+
+def gather_rng(generator, device):
+    """Every process's (rng_state, loader generator state), in rank order (rank 0 saves them all)."""
+    mine = (rng_state(device), generator.get_state())
+    if not distributed():
+        return [mine]
+    streams = [None] * dist.get_world_size()
+    dist.all_gather_object(streams, mine)
+    return streams
+
+
+def restore_rng(ckpt, generator, rank, world, device, fallback_seed):
+    """Put this process's random streams back from a checkpoint saved by any number of processes on any
+    machine. Returns notes on what could not be restored."""
+    streams = ckpt.get("rng_ranks") or [(ckpt["rng"], ckpt["loader_rng"])]  # older checkpoints: rank 0's
+    notes = []
+    if len(streams) != world:
+        notes.append(f"the run was saved by {len(streams)} process(es) and resumes with {world}")
+    if rank < len(streams):
+        state, loader_state = streams[rank]
+        notes += set_rng_state(state, device)
+        generator.set_state(loader_state)
+    else:
+        seed_everything(fallback_seed + rank)
+        generator.manual_seed(fallback_seed + rank)
+        notes.append(f"no saved random state for rank {rank}: its streams start from seed {fallback_seed + rank}")
+    return notes
 
 
 def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None):
@@ -232,6 +327,13 @@ def validation_loss(model, loader, device, weights):
     return total / max(n, 1)
 
 
+def validate(net, loss_loader, val_set, device, weights, opts, mask_threshold, coco_gt):
+    """The epoch's validation figures: val loss, leaderboard AP50 and AP@[.5:.95]."""
+    val_loss = validation_loss(net, loss_loader, device, weights)
+    metrics, _ = infer.evaluate(net, val_set, device, opts, mask_threshold, coco_gt)
+    return {"val_loss": val_loss, "val_ap50": metrics["ap50"], "val_ap": metrics["ap"]}
+
+
 def write_metrics(history, run_dir):
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
@@ -296,11 +398,12 @@ def main(argv=None):
 def train(cfg, ckpt, rank, world, device):
     log = print if rank == 0 else (lambda *a, **k: None)
     run_dir = Path(cfg["RUN_DIR"])
-    if cfg["DEMO"] and not (Path(cfg["DATA_DIR"]) / "train").is_dir() and rank == 0:
-        print(f"making the synthetic demo dataset in {cfg['DATA_DIR']}")
-        make_demo_data(cfg["DATA_DIR"], seed=cfg["SEED"])
-    if distributed():
-        dist.barrier()  # the demo data (made by rank 0) is complete
+    def make_demo():
+        if not (Path(cfg["DATA_DIR"]) / "train").is_dir():
+            print(f"making the synthetic demo dataset in {cfg['DATA_DIR']}")
+            make_demo_data(cfg["DATA_DIR"], seed=cfg["SEED"])
+    if cfg["DEMO"]:  # rank 0 makes it; the others wait for it (or its error)
+        on_rank0("making the demo data", make_demo)
     if (run_dir / "last.pt").exists() and not cfg["RESUME"]:
         raise SystemExit(f"{run_dir} already holds a run (last.pt); continue it with --resume, "
                          "or choose another --run-dir")
@@ -321,15 +424,7 @@ def train(cfg, ckpt, rank, world, device):
     sizing = (cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["SCALE"])
     train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True, sizing=sizing)
     val_set = CellDataset(cfg["DATA_DIR"], val_ids, train=False)  # own size: scored as at test time
-    generator = torch.Generator().manual_seed(cfg["SEED"])
-    sampler = None
-    if world > 1:  # each process a shuffled 1/world share, reshuffled every epoch (set_epoch)
-        sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True,
-                                                      seed=cfg["SEED"])
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg["BATCH_SIZE"], shuffle=sampler is None, sampler=sampler, collate_fn=collate,
-        generator=generator, num_workers=cfg["NUM_WORKERS"], pin_memory=device.type == "cuda",
-        persistent_workers=cfg["NUM_WORKERS"] > 0)
+    train_loader, sampler, generator = make_train_loader(train_set, cfg, rank, world, device)
     loss_loader = infer.in_order_loader(CellDataset(cfg["DATA_DIR"], val_ids, train=False, sizing=sizing),
                                    cfg["NUM_WORKERS"])
 
@@ -341,7 +436,7 @@ def train(cfg, ckpt, rank, world, device):
     optimizer = torch.optim.AdamW(params, lr=cfg["LR"], weight_decay=cfg["WEIGHT_DECAY"])
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg["LR"]
-    dtype = amp_dtype(cfg["AMP"], device)
+    dtype, amp_why = amp_dtype(cfg["AMP"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg["LR_FACTOR"],
                                                            patience=cfg["LR_PATIENCE"])
@@ -354,27 +449,27 @@ def train(cfg, ckpt, rank, world, device):
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
-        set_rng_state(ckpt["rng"])  # rank 0's; the other processes draw their own augmentation stream
-        if rank > 0:
-            seed_everything(cfg["SEED"] + rank + 1000 * state["epoch"])
-        generator.set_state(ckpt["loader_rng"])
+        for note in restore_rng(ckpt, generator, rank, world, device, cfg["SEED"] + 1000 * state["epoch"]):
+            print(f"rank {rank}: resume: {note}")
         del ckpt
         log(f"resumed {run_dir} after epoch {state['epoch']} (best val AP50 {state['best_ap50']:.4f})")
-    elif rank == 0:
+    if rank == 0:  # config.json: the run's constants and, for this session, the precision it trains in
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, run_dir / "config.json")
-        save_json({"train": train_ids, "val": val_ids, "seed": cfg["SEED"]}, run_dir / "split.json")
+        save_json({**cfg, "amp_dtype": str(dtype).replace("torch.", "") if dtype else "float32", "amp_why": amp_why},
+                  run_dir / "config.json")
+        if not (run_dir / "split.json").exists():
+            save_json({"train": train_ids, "val": val_ids, "seed": cfg["SEED"]}, run_dir / "split.json")
     model = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     log(f"run {run_dir}: {len(train_ids)} train / {len(val_ids)} val images, backbone {cfg['BACKBONE']}, "
         f"device {device}" + (f" x {world} processes (DDP)" if world > 1 else "")
-        + f", AMP {str(dtype).replace('torch.', '') if dtype else 'off'}, input "
+        + f", AMP {str(dtype).replace('torch.', '') if dtype else 'off'} ({amp_why}), input "
         + (f"x{cfg['SCALE']:g} (random {int(cfg['MAX_SIZE'] / cfg['SCALE'])}-px crops of larger images)"
            if cfg["SCALE"] > 0 else f"MIN_SIZE {cfg['MIN_SIZE']}") + f", at most {cfg['MAX_SIZE']} px a side")
 
     opts = infer.predict_options(cfg, detections_per_image=cfg["VAL_DETECTIONS_PER_IMAGE"])
-    coco_gt = infer.val_ground_truth(val_set) if len(val_set) and rank == 0 else None
+    coco_gt = infer.val_ground_truth(val_set) if len(val_set) and rank == 0 else None  # rank 0 validates
     if state["stopped_early"] or state["epoch"] >= cfg["EPOCHS"]:
         log(f"{run_dir} has finished training (epoch {state['epoch']}); nothing to do")
     while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"]:
@@ -386,14 +481,9 @@ def train(cfg, ckpt, rank, world, device):
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
-        if coco_gt is not None:  # rank 0 validates; the others wait for its figures below
-            row["val_loss"] = validation_loss(net, loss_loader, device, weights)
-            metrics, _ = infer.evaluate(net, val_set, device, opts, cfg["MASK_THRESHOLD"], coco_gt)
-            row["val_ap50"], row["val_ap"] = metrics["ap50"], metrics["ap"]
-        if distributed():
-            figures = [row["val_loss"], row["val_ap50"], row["val_ap"]]
-            dist.broadcast_object_list(figures, src=0)
-            row["val_loss"], row["val_ap50"], row["val_ap"] = figures
+        if len(val_set):  # rank 0 validates; the others get its figures (or its error)
+            row.update(on_rank0("validating", lambda: validate(net, loss_loader, val_set, device, weights, opts,
+                                                               cfg["MASK_THRESHOLD"], coco_gt)))
         improved = True  # with no val split, the latest weights are the best we know
         if len(val_set):
             ap50 = row["val_ap50"] if not math.isnan(row["val_ap50"]) else -math.inf
@@ -408,17 +498,19 @@ def train(cfg, ckpt, rank, world, device):
                     log(f"early stop: no better val AP50 for {state['bad_epochs']} epochs")
         row["epoch_seconds"] = time.time() - t0
         state["history"].append(row)
-        if rank == 0:
+        streams = gather_rng(generator, device)
+
+        def save():
             ckpt = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state, "config": cfg,
-                    "epoch": state["epoch"], "train_ids": train_ids, "val_ids": val_ids, "rng": rng_state(),
-                    "loader_rng": generator.get_state()}
+                    "epoch": state["epoch"], "train_ids": train_ids, "val_ids": val_ids, "rng": streams[0][0],
+                    "loader_rng": streams[0][1], "rng_ranks": streams}
             if improved:
                 save_checkpoint(ckpt, run_dir / "best.pt")
             save_checkpoint(ckpt, run_dir / "last.pt")
-            del ckpt
             write_metrics(state["history"], run_dir)
             plot_curves(state["history"], run_dir / "learning_curve.png")
+        on_rank0("saving the checkpoint", save)
         log(f"epoch {state['epoch']}: train loss {row.get('train_loss', float('nan')):.4f}  "
             f"val loss {row['val_loss']:.4f}  val AP50 {row['val_ap50']:.4f}  AP {row['val_ap']:.4f}  "
             f"lr {row['lr']:.2e}  {row['epoch_seconds']:.0f}s" + ("  (best)" if improved else ""))
@@ -436,5 +528,5 @@ def train(cfg, ckpt, rank, world, device):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, PretrainedWeightsError, FloatingPointError, CheckpointError, OSError) as e:
+    except (DataError, PretrainedWeightsError, FloatingPointError, CheckpointError, PeerFailure, OSError) as e:
         raise SystemExit(f"error: {e}") from None

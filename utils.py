@@ -92,19 +92,37 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
+def rng_state(device=None):
+    """This process's random state: Python, NumPy, torch's CPU generator and, where it trains on a
+    GPU, that GPU's generator only (not every visible GPU's: a resume may see fewer)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device=None):
+    """Restore rng_state(device)'s output on `device`, whatever GPUs this machine has. Returns notes
+    on what could not be restored (never raises for a change of machine)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    if isinstance(cuda, (list, tuple)):  # older checkpoints: get_rng_state_all(), one per visible GPU
+        index = (torch.device(device).index or 0) if on_gpu else 0
+        if on_gpu and index >= len(cuda):
+            return [f"the checkpoint holds CUDA random states of {len(cuda)} GPU(s), none for {device}: "
+                    "its CUDA stream starts from the seed"]
+        cuda = cuda[index] if cuda else None
+    if cuda is not None and not on_gpu:
+        return [f"the checkpoint's CUDA random state is not restored: this run is on {device or 'the CPU'}"]
+    if cuda is None and on_gpu:
+        return ["the checkpoint holds no CUDA random state (it was trained on the CPU): the CUDA stream "
+                "starts from the seed"]
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda, device)
+    return []
 
 
 # ----------------------------------------------------------------------------------------------

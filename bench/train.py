@@ -85,7 +85,7 @@ def run_one(kind, args, data_dir, queue):
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if kind == "ours":
         cfg = dict(BACKBONE=args.backbone, PRETRAINED=False, FREEZE_BN=True, FPN_CHANNELS=256, ROI_BATCH_SIZE=512,
                    MIN_SIZE=args.min_size, MAX_SIZE=args.max_size, LOSSES="report")
@@ -144,6 +144,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--amp", default="off", choices=["off", "fp16", "bf16"])
+    ap.add_argument("--cudnn-benchmark", action="store_true", help="CUDA: torch.backends.cudnn.benchmark on "
+                    "(train.py's CUDNN_BENCHMARK; off by default there)")
     ap.add_argument("--backbone", default="resnet18", help="ours: a timm model name")
     ap.add_argument("--stock-backbone", default="resnet18", help="stock: torchvision resnet FPN (resnet50 = maskrcnn_resnet50_fpn)")
     ap.add_argument("--height", type=int, default=1731)
@@ -160,7 +162,7 @@ def main():
                    else f"CPU, {torch.get_num_threads()} threads")
     with tempfile.TemporaryDirectory() as tmp:
         placed = make_sample(tmp, args.height, args.width, args.instances)
-        print(f"device: {device_name}; torch {torch.__version__}; AMP {args.amp}; image {args.height}x{args.width}, "
+        print(f"device: {device_name}; torch {torch.__version__}; AMP {args.amp}; cudnn.benchmark {args.cudnn_benchmark}; image {args.height}x{args.width}, "
               f"{placed} real-shaped cells; MIN_SIZE {args.min_size} / MAX_SIZE {args.max_size}"
               + (f"; ours at SCALE {args.scale:g}" if args.scale else "") + "; batch 1")
         results = {}

@@ -54,6 +54,7 @@ def test_training_writes_the_run_folder(trained_run):
     split = json.loads((run_dir / "split.json").read_text())
     assert len(split["val"]) == 2 and len(split["train"]) == 4
     ckpt = load_checkpoint(run_dir / "last.pt")
+    assert cfg.pop("amp_dtype") == "float32" and "CPU" in cfg.pop("amp_why")  # the precision it trained in, and why
     assert ckpt["config"] == cfg and ckpt["epoch"] == 2 and ckpt["val_ids"] == split["val"]
 
 
