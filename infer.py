@@ -4,6 +4,7 @@
     python infer.py --checkpoint runs/x/best.pt --mask-threshold 0.45
     python infer.py --checkpoint runs/x/best.pt --eval true
     python infer.py --checkpoint runs/x/best.pt --sweep --overlay 8   # threshold table + PNGs of the val split
+    python infer.py --overlay 8                      # submission + PNGs of its first 8 test images
     python infer.py --tta flips+scales --scale 2                       # test-time augmentation, 2x input
 
 The checkpoint alone rebuilds the model: its saved configuration names the backbone and sizes.
@@ -45,7 +46,8 @@ TILE = True                   # split an image whose input would pass MAX_SIZE i
 TILE_OVERLAP = 128            # tile overlap in image pixels: cells up to this size are whole in some tile
 EVAL = False                  # true: score the checkpoint's val split instead of writing a submission
 SWEEP = False                 # true: AP50 on the val split over mask and score thresholds (one model pass)
-OVERLAY = 0                   # N > 0: PNGs of predictions beside the ground truth for N val images
+OVERLAY = 0                   # N > 0: PNGs of N images' predictions: val images beside their ground truth
+                              # (with EVAL/SWEEP), else test images, in <OUTPUT_JSON stem>-overlays/
 DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ...
 NUM_WORKERS = 2
 # ------------------------------------------------------------------------------------------------
@@ -381,6 +383,25 @@ def draw_outlines(rgb, masks_and_labels):
     return canvas
 
 
+def to_rgb(image):
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+
+
+def draw_records(rgb, results, image_id, min_score):
+    shown = [r for r in results if r["image_id"] == image_id and r["score"] >= min_score]
+    return draw_outlines(rgb, ((utils.decode_mask(r["segmentation"]), r["category_id"]) for r in shown))
+
+
+def write_png(panel, path):
+    """An RGB panel as a PNG (atomic); small images enlarged (nearest) to at least 256 px to stay legible."""
+    zoom = max(1, math.ceil(256 / max(panel.shape[:2])))
+    panel = np.repeat(np.repeat(panel, zoom, 0), zoom, 1)
+    _, png = cv2.imencode(".png", panel[..., ::-1])
+    with utils.atomic_write(path, "wb") as f:
+        f.write(png.tobytes())
+    return path
+
+
 def write_overlays(dataset, results, out_dir, n, min_score=0.5):
     """PNG for each of the first n images of a CellDataset: ground truth (left) beside its records
     (image_id = dataset index) scoring >= min_score (right)."""
@@ -389,19 +410,30 @@ def write_overlays(dataset, results, out_dir, n, min_score=0.5):
     paths = []
     for image_id in range(min(n, len(dataset))):
         image, target = dataset[image_id]
-        size = image.shape[-2:]
-        rgb = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        rgb = to_rgb(image)
         truth = draw_outlines(rgb, zip(target["masks"].numpy(), target["labels"].tolist()))
-        shown = [r for r in results if r["image_id"] == image_id and r["score"] >= min_score]
-        pred = draw_outlines(rgb, ((utils.decode_mask(r["segmentation"]), r["category_id"]) for r in shown))
-        panel = np.concatenate([truth, np.full((size[0], 4, 3), 255, np.uint8), pred], 1)
-        zoom = max(1, math.ceil(256 / max(size)))  # small images enlarged (nearest) to stay legible
-        panel = np.repeat(np.repeat(panel, zoom, 0), zoom, 1)
-        _, png = cv2.imencode(".png", panel[..., ::-1])
-        path = out_dir / f"{dataset.ids[image_id]}.png"
-        with utils.atomic_write(path, "wb") as f:
-            f.write(png.tobytes())
-        paths.append(path)
+        pred = draw_records(rgb, results, image_id, min_score)
+        panel = np.concatenate([truth, np.full((rgb.shape[0], 4, 3), 255, np.uint8), pred], 1)
+        paths.append(write_png(panel, out_dir / f"{dataset.ids[image_id]}.png"))
+    return paths
+
+
+def overlay_dir(output_json):
+    """Where --overlay puts a submission's test-image PNGs: <output stem>-overlays/ beside it."""
+    output_json = Path(output_json)
+    return output_json.with_name(output_json.stem + "-overlays")
+
+
+def write_test_overlays(dataset, results, out_dir, n, min_score=0.5):
+    """PNG for each of the first n images of a TestDataset: its submission records (image_id from the
+    id table) scoring >= min_score, outlined; named after the test file (<name>.png)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(min(n, len(dataset))):
+        image, rec = dataset[index]
+        pred = draw_records(to_rgb(image), results, rec["id"], min_score)
+        paths.append(write_png(pred, out_dir / f"{Path(rec['file_name']).stem}.png"))
     return paths
 
 
@@ -446,7 +478,7 @@ def print_metrics(metrics, n_images, n_detections):
 
 
 def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
-    """--eval / --sweep / --overlay: one pass of the model over the checkpoint's val split."""
+    """--eval / --sweep (and their --overlay): one pass of the model over the checkpoint's val split."""
     if not ckpt.get("val_ids"):
         raise SystemExit(f"{checkpoint} has no validation split to evaluate (trained with VAL_FRACTION 0)")
     dataset = CellDataset(data_dir, ckpt["val_ids"], train=False)
@@ -493,7 +525,7 @@ def main(argv=None):
           f"data {data_dir}, device {device}; input " + (f"x{scale:g}" if scale else f"MIN_SIZE {min_size}")
           + f", at most {max_size} px a side" + (" (larger: tiles)" if opts["tile"] else "") + f", TTA {opts['tta']}")
     t0 = time.time()
-    if cfg["EVAL"] or cfg["SWEEP"] or cfg["OVERLAY"] > 0:
+    if cfg["EVAL"] or cfg["SWEEP"]:
         return run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts)
     dataset = TestDataset(data_dir)
     if dataset.unlisted:
@@ -510,6 +542,10 @@ def main(argv=None):
     empty = len(dataset) - len({r["image_id"] for r in results})
     if empty:
         print(f"note: {empty} image(s) have no detection above SCORE_THRESHOLD (valid: they simply score 0)")
+    if cfg["OVERLAY"] > 0:
+        paths = write_test_overlays(dataset, results, overlay_dir(cfg["OUTPUT_JSON"]), cfg["OVERLAY"])
+        print(f"wrote {len(paths)} overlay(s) of test images to {overlay_dir(cfg['OUTPUT_JSON'])} (predictions "
+              "scoring >= 0.5; class 1 red, 2 green, 3 blue, 4 yellow)")
     if dataset.unlisted:
         print(f"warning: skipped {len(dataset.unlisted)} unlisted file(s) in {dataset.dir}: "
               + ", ".join(dataset.unlisted[:5]) + (" ..." if len(dataset.unlisted) > 5 else ""), file=sys.stderr)

@@ -103,6 +103,52 @@ def test_sweep_matches_eval_and_overlays_are_written(trained_run):
     assert panel.shape[1] > 2 * panel.shape[0] - 10  # ground truth | predictions side by side
 
 
+def test_overlay_with_a_submission_draws_test_images(trained_run, demo_dir, tmp_path):
+    """--overlay N without --eval/--sweep: the submission as usual, plus PNGs of its first N test images
+    in <output stem>-overlays/ (no validation pass, no val overlays)."""
+    run_dir, _ = trained_run
+    out = tmp_path / "sub.json"
+    val_overlays = {p: p.stat().st_mtime_ns for p in (run_dir / "overlays").glob("*.png")}
+    written = infer.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(demo_dir), "--output-json",
+                          str(out), "--num-workers", "0", "--detections-per-image", "20", "--overlay", "2"])
+    assert written == str(out)
+    table = json.loads((demo_dir / "test_image_name_to_ids.json").read_text())
+    assert infer.check_submission(json.loads(out.read_text()), table)
+    pngs = sorted((tmp_path / "sub-overlays").glob("*.png"))
+    assert [p.name for p in pngs] == sorted(r["file_name"].replace(".tif", ".png") for r in table[:2])
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "overlays").glob("*.png")} == val_overlays
+
+
+def test_test_overlay_outlines_the_confident_predictions(demo_dir, tmp_path):
+    import cv2
+    import numpy as np
+    from pycocotools import mask as mask_utils
+    from dataset import TestDataset
+    data = TestDataset(demo_dir)
+    image, rec = data[0]
+    h, w = image.shape[-2:]
+    square = np.zeros((h, w), np.uint8, order="F")
+    square[10:30, 20:40] = 1
+    other = np.zeros((h, w), np.uint8, order="F")
+    other[40:50, 5:15] = 1
+
+    def record(mask, label, score, image_id=rec["id"]):
+        rle = mask_utils.encode(mask)
+        return {"image_id": image_id, "bbox": [0, 0, 1, 1], "score": score, "category_id": label,
+                "segmentation": {"size": [h, w], "counts": rle["counts"].decode()}}
+    results = [record(square, 1, 0.9), record(other, 2, 0.3), record(other, 4, 0.9, image_id=rec["id"] + 1)]
+    [path] = infer.write_test_overlays(data, results, tmp_path / "ov", 1)
+    assert path == tmp_path / "ov" / rec["file_name"].replace(".tif", ".png")
+    png = cv2.imread(str(path))[..., ::-1]
+    zoom = png.shape[0] // h
+    assert png.shape == (h * zoom, w * zoom, 3) and zoom * max(h, w) >= 256
+    drawn = png[::zoom, ::zoom]
+    changed = np.any(drawn != infer.to_rgb(image), axis=-1)
+    border = square.astype(bool) & ~cv2.erode(square, np.ones((3, 3), np.uint8)).astype(bool)
+    assert np.array_equal(changed, border)  # only the confident class-1 cell of this image, outlined
+    assert (drawn[border] == infer.CLASS_COLOURS[1]).all()
+
+
 def test_tta_and_tiling_options_on_a_trained_model(trained_run):
     run_dir, _ = trained_run
     args = ["--checkpoint", str(run_dir / "best.pt"), "--num-workers", "0", "--detections-per-image", "50", "--eval"]
