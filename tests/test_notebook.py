@@ -1,6 +1,7 @@
 """kaggle.ipynb runs end to end (tiny model, demo data, CPU), resumes a run of an earlier session, and is
 committed without outputs."""
 import json
+import os
 import sys
 import zipfile
 
@@ -19,13 +20,13 @@ TRAIN_ARGS = tiny_args(BATCH_SIZE=2, LR=1e-3, WARMUP_ITERS=2, VAL_FRACTION=0.34,
 INFER_ARGS = ["--num-workers", "0", "--detections-per-image", "50"]
 
 
-def run_notebook(kernel, **params):
-    """Execute kaggle.ipynb in the repo with `params` set in a cell right after its parameters cell (as
-    papermill injects them); returns the executed notebook and all its text output."""
+def run_notebook(kernel, start=ROOT, **params):
+    """Execute kaggle.ipynb in folder `start` (the repo: a clone) with `params` set in a cell right after its
+    parameters cell (as papermill injects them); returns the executed notebook and all its text output."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     at = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     nb.cells.insert(at + 1, nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items())))
-    NotebookClient(nb, kernel_name=kernel, timeout=300, resources={"metadata": {"path": str(ROOT)}}).execute()
+    NotebookClient(nb, kernel_name=kernel, timeout=300, resources={"metadata": {"path": str(start)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     return nb, text
 
@@ -78,9 +79,14 @@ def test_notebook_trains_predicts_checks_and_zips(first_session, demo_dir):
 def test_notebook_resumes_an_earlier_sessions_run(first_session, kernel, demo_dir, tmp_path):
     work, _, _ = first_session
     earlier = work / "runs" / "nb"
-    _, text = run_notebook(kernel, DATA_DIR=str(demo_dir), WORK_DIR=str(tmp_path), RUN_NAME="nb",
-                           RESUME_FROM=str(earlier), EPOCHS=2, DEMO=True, TTA="none", OVERLAYS=1, INSTALL=False,
-                           TRAIN_ARGS=TRAIN_ARGS, INFER_ARGS=INFER_ARGS)
+    start = tmp_path / "start"  # as on Kaggle: the notebook starts outside the repo, which is a (read-only) input
+    start.mkdir()
+    _, text = run_notebook(kernel, start, DATA_DIR=str(demo_dir), CODE_DIR=str(ROOT), WORK_DIR=str(tmp_path),
+                           RUN_NAME="nb", RESUME_FROM=os.path.relpath(earlier, start), EPOCHS=2, DEMO=True,
+                           TTA="none", OVERLAYS=1, INSTALL=False, TRAIN_ARGS=TRAIN_ARGS, INFER_ARGS=INFER_ARGS)
+    copy = tmp_path / "cellseg"  # the code was copied and run there, without the clone's .git, data and runs
+    assert (copy / "train.py").is_file() and f"code {copy}" in text
+    assert not any((copy / name).exists() for name in (".git", "data", "runs"))
     assert "holds 1 finished epoch(s): training resumes" in text and f"resumed {tmp_path / 'runs' / 'nb'}" in text
     before = load_checkpoint(earlier / "last.pt")["state"]["history"]
     after = load_checkpoint(tmp_path / "runs" / "nb" / "last.pt")["state"]["history"]
