@@ -243,10 +243,10 @@ def restore_rng(ckpt, generator, rank, world, device, fallback_seed):
     streams = ckpt.get("rng_ranks") or [(ckpt["rng"], ckpt["loader_rng"])]  # older checkpoints: rank 0's
     notes = []
     if len(streams) != world:
-        notes.append(f"the run was saved by {len(streams)} process(es) and resumes with {world}")
+        notes.append(f"the checkpoint holds the random streams of {len(streams)} process(es); this run has {world}")
     if rank < len(streams):
         state, loader_state = streams[rank]
-        notes += set_rng_state(state, device)
+        notes += set_rng_state(state, device, cuda_seed=fallback_seed + rank)
         generator.set_state(loader_state)
     else:
         seed_everything(fallback_seed + rank)

@@ -101,9 +101,10 @@ def rng_state(device=None):
     return state
 
 
-def set_rng_state(state, device=None):
-    """Restore rng_state(device)'s output on `device`, whatever GPUs this machine has. Returns notes
-    on what could not be restored (never raises for a change of machine)."""
+def set_rng_state(state, device=None, cuda_seed=0):
+    """Restore rng_state(device)'s output on `device`, whatever GPUs this machine has; a GPU whose state
+    the checkpoint lacks is seeded with cuda_seed. Returns notes on what could not be restored (never
+    raises for a change of machine)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -112,17 +113,24 @@ def set_rng_state(state, device=None):
     if isinstance(cuda, (list, tuple)):  # older checkpoints: get_rng_state_all(), one per visible GPU
         index = (torch.device(device).index or 0) if on_gpu else 0
         if on_gpu and index >= len(cuda):
+            _seed_cuda(device, cuda_seed)
             return [f"the checkpoint holds CUDA random states of {len(cuda)} GPU(s), none for {device}: "
-                    "its CUDA stream starts from the seed"]
+                    f"its CUDA stream starts from seed {cuda_seed}"]
         cuda = cuda[index] if cuda else None
     if cuda is not None and not on_gpu:
         return [f"the checkpoint's CUDA random state is not restored: this run is on {device or 'the CPU'}"]
     if cuda is None and on_gpu:
+        _seed_cuda(device, cuda_seed)
         return ["the checkpoint holds no CUDA random state (it was trained on the CPU): the CUDA stream "
-                "starts from the seed"]
+                f"starts from seed {cuda_seed}"]
     if cuda is not None:
         torch.cuda.set_rng_state(cuda, device)
     return []
+
+
+def _seed_cuda(device, seed):
+    with torch.cuda.device(device):
+        torch.cuda.manual_seed(seed)
 
 
 # ----------------------------------------------------------------------------------------------
