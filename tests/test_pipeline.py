@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -55,6 +56,9 @@ def test_training_writes_the_run_folder(trained_run):
     assert len(split["val"]) == 2 and len(split["train"]) == 4
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["config"] == cfg and ckpt["epoch"] == 2 and ckpt["val_ids"] == split["val"]
+    # 2 val images < MIN_VAL_IMAGES: their AP50 is logged but picks nothing; best.pt is the latest weights
+    assert all(0.0 <= h["val_ap50"] <= 1.0 for h in ckpt["state"]["history"]) and ckpt["state"]["best_ap50"] == -math.inf
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == 2
 
 
 def test_checkpoint_alone_rebuilds_the_same_model(trained_run, demo_dir):
