@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import evaluate
 import infer
 import losses
 from dataset import CellDataset, DataError, check_train_data, collate, list_train_ids, make_demo_data, split_ids
@@ -411,7 +412,7 @@ def train(cfg, ckpt, rank, world, device):
         log(f"val split of {len(val_set)} image(s) < MIN_VAL_IMAGES {cfg['MIN_VAL_IMAGES']}: its AP50 is logged "
             "but picks nothing (best.pt = the latest weights, fixed LR, no early stop)")
     opts = infer.predict_options(cfg, detections_per_image=cfg["VAL_DETECTIONS_PER_IMAGE"])
-    coco_gt = infer.val_ground_truth(val_set) if len(val_set) and rank == 0 else None
+    coco_gt = evaluate.val_ground_truth(val_set) if len(val_set) and rank == 0 else None
     if state["stopped_early"] or state["epoch"] >= cfg["EPOCHS"]:
         log(f"{run_dir} has finished training (epoch {state['epoch']}); nothing to do")
     while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"]:
@@ -425,7 +426,7 @@ def train(cfg, ckpt, rank, world, device):
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
         if coco_gt is not None:  # rank 0 validates; the others wait for its figures below
             row["val_loss"] = validation_loss(net, loss_loader, device, weights)
-            metrics, _ = infer.evaluate(net, val_set, device, opts, cfg["MASK_THRESHOLD"], coco_gt)
+            metrics, _ = evaluate.evaluate(net, val_set, device, opts, cfg["MASK_THRESHOLD"], coco_gt)
             row["val_ap50"], row["val_ap"] = metrics["ap50"], metrics["ap"]
         if distributed():
             figures = [row["val_loss"], row["val_ap50"], row["val_ap"]]

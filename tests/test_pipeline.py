@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+import evaluate
 import infer
 import train
 from conftest import SIZING, TINY, tiny_args
@@ -18,9 +19,9 @@ def test_short_overfit_raises_ap50(demo_dir):
     data = CellDataset(demo_dir, ids, train=False)  # own size: scored as at test time
     sized = CellDataset(demo_dir, ids, train=False, sizing=SIZING)
     model = build_model(TINY, detections_per_image=100)
-    gt = infer.val_ground_truth(data)
+    gt = evaluate.val_ground_truth(data)
     opts = infer.predict_options(TINY, detections_per_image=100)
-    start, _ = infer.evaluate(model, data, "cpu", opts, coco_gt=gt)
+    start, _ = evaluate.evaluate(model, data, "cpu", opts, coco_gt=gt)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     batch = collate([sized[0], sized[1]])
     for step in range(80):
@@ -29,7 +30,7 @@ def test_short_overfit_raises_ap50(demo_dir):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    end, _ = infer.evaluate(model, data, "cpu", opts, coco_gt=gt)
+    end, _ = evaluate.evaluate(model, data, "cpu", opts, coco_gt=gt)
     print(f"AP50 before {start['ap50']:.3f} after {end['ap50']:.3f}")
     assert start["ap50"] < 0.05
     assert end["ap50"] > start["ap50"] + 0.3
