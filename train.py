@@ -46,6 +46,8 @@ SCALE = 0.0                   # > 0: resize every image by this fixed factor ins
                               # 2x upscaling); training crops a random MAX_SIZE/SCALE window from larger
                               # images, inference tiles them (infer.py TILE)
 EPOCHS = 50
+MAX_MINUTES = 0.0             # > 0: also stop when training steps (validation not counted) have taken this long,
+                              # mid-epoch if need be (a time budget; ablate.py --minutes)
 BATCH_SIZE = 1
 LR = "auto"                   # AdamW; auto: 5e-5 (the recipe's fine-tuning rate) with pretrained weights,
                               # 2e-4 for a backbone from scratch (measured: ~3x the AP50 of 5e-5 there)
@@ -80,7 +82,7 @@ DEMO_SETTINGS = dict(
     VAL_FRACTION=0.2, VAL_DETECTIONS_PER_IMAGE=200, NUM_WORKERS=0, EARLY_STOP_PATIENCE=5,
 )
 METRIC_FIELDS = ["epoch", "lr", "train_loss", *losses.LOSS_TERMS, "val_loss", "val_ap50", "val_ap",
-                 "skipped_steps", "epoch_seconds"]
+                 "skipped_steps", "epoch_seconds", "train_seconds"]
 MAX_SKIPPED_STEPS = 20  # consecutive non-finite losses before giving up
 AUTO_LR = {"pretrained": 5e-5, "scratch": 2e-4}  # LR "auto"
 
@@ -190,10 +192,11 @@ def mean_over_ranks(stats, steps, device):
     return {k: float(v) / max(float(t[-1]), 1.0) for k, v in zip(keys, t[:-1])}
 
 
-def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None):
+def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None, deadline=None):
     """One pass over the training split; returns the mean of each loss term and the step count skipped.
     dtype: autocast dtype (None = full precision); scaler: a GradScaler for fp16. Under DDP the figures
-    are over all processes, and a step is skipped on all of them when any one's loss is not finite."""
+    are over all processes, and a step is skipped on all of them when any one's loss is not finite.
+    deadline: a time.time() at which the epoch ends early (MAX_MINUTES), on all processes alike."""
     device = torch.device(device)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     model.train()
@@ -203,6 +206,8 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scale
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg['EPOCHS']}", dynamic_ncols=True, disable=not rank0)
     t_last = time.time()
     for images, targets in bar:
+        if deadline is not None and not all_ranks_agree(time.time() < deadline, device):
+            break
         if state["step"] < warmup:  # linear warm-up to the current LR (the plateau scheduler acts later)
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * (0.001 + 0.999 * (state["step"] + 1) / warmup)
@@ -415,12 +420,18 @@ def train(cfg, ckpt, rank, world, device):
     coco_gt = evaluate.val_ground_truth(val_set) if len(val_set) and rank == 0 else None
     if state["stopped_early"] or state["epoch"] >= cfg["EPOCHS"]:
         log(f"{run_dir} has finished training (epoch {state['epoch']}); nothing to do")
-    while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"]:
+    budget = cfg["MAX_MINUTES"] * 60
+    out_of_time = lambda: budget > 0 and state.get("train_seconds", 0.0) >= budget  # noqa: E731
+    if out_of_time():
+        log(f"{run_dir} has used its MAX_MINUTES {cfg['MAX_MINUTES']:g} of training; nothing to do")
+    while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"] and not out_of_time():
         t0 = time.time()
         if sampler is not None:
             sampler.set_epoch(state["epoch"])
+        deadline = t0 + budget - state.get("train_seconds", 0.0) if budget > 0 else None
         train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state, weights,
-                                               scaler, dtype)
+                                               scaler, dtype, deadline)
+        state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - t0
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
@@ -444,7 +455,7 @@ def train(cfg, ckpt, rank, world, device):
                 if state["bad_epochs"] >= cfg["EARLY_STOP_PATIENCE"]:
                     state["stopped_early"] = True
                     log(f"early stop: no better val AP50 for {state['bad_epochs']} epochs")
-        row["epoch_seconds"] = time.time() - t0
+        row["epoch_seconds"], row["train_seconds"] = time.time() - t0, state["train_seconds"]
         state["history"].append(row)
         if rank == 0:
             ckpt = {"model": net.state_dict(), "optimizer": optimizer.state_dict(),
