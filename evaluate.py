@@ -105,6 +105,15 @@ def matching_accuracy(coco_gt, results, iou_threshold=0.5, min_score=0.5):
     return {"accuracy": tp / total if total else float("nan"), "tp": tp, "fp": fp, "fn": fn}
 
 
+def test_ground_truth(data_dir):
+    """DATA_DIR/test_gt_coco.json (bench/realistic_data.py writes it; image ids from the test-id table) as COCO."""
+    path = Path(data_dir) / "test_gt_coco.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no ground truth of the test images (bench/realistic_data.py writes one)")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return COCO(str(path))
+
+
 def val_ground_truth(dataset):
     """COCO ground truth of an un-augmented CellDataset; image ids are dataset indices."""
     def images():
