@@ -264,4 +264,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from dataset import DataError
+    from model import PretrainedWeightsError
+    from utils import CheckpointError
+    try:
+        main()
+    except (DataError, PretrainedWeightsError, FloatingPointError, CheckpointError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
