@@ -1,4 +1,5 @@
-"""Inference: a trained checkpoint -> test-results.json (COCO RLE), or --eval on the run's val split.
+"""Inference: a trained checkpoint -> test-results.json (COCO RLE), or --eval on the run's val split
+(scored by evaluate.py).
 
     python infer.py                                  # newest runs/*/best.pt -> test-results.json
     python infer.py --checkpoint runs/x/best.pt --mask-threshold 0.45
@@ -25,11 +26,10 @@ from torchvision.models.detection.transform import resize_boxes
 from torchvision.ops import batched_nms, box_iou
 from tqdm import tqdm
 
-from dataset import CellDataset, DataError, TestDataset, collate, resize_factor, resize_image
+from dataset import DataError, TestDataset, collate, resize_factor, resize_image
 from model import build_model, load_weights, set_inference_params
 import utils
-from utils import (CheckpointError, apply_overrides, coco_evaluate, coco_ground_truth, load_checkpoint,
-                   matching_accuracy, save_json)
+from utils import CheckpointError, apply_overrides, load_checkpoint, save_json
 
 # ---- constants (each one can be overridden: --score-threshold 0.1, --eval true, ...) ----------
 CHECKPOINT = ""               # '' = the newest runs/*/best.pt
@@ -314,61 +314,12 @@ def to_records(raw, mask_threshold):
     return [r for image_id, size, out in raw for r in to_results(out, image_id, mask_threshold, size)]
 
 
-def val_ground_truth(dataset):
-    """COCO ground truth of an un-augmented CellDataset; image ids are dataset indices."""
-    def images():
-        for i in range(len(dataset)):
-            image, target = dataset[i]
-            yield {"id": i, "height": image.shape[1], "width": image.shape[2],
-                   "masks": target["masks"].numpy(), "labels": target["labels"].numpy()}
-    return coco_ground_truth(images())
 
 
 def in_order_loader(dataset, num_workers=0):
     """One image at a time, in the dataset's order (validation and test)."""
     return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate,
                                        num_workers=num_workers)
-
-
-def val_predictions(model, dataset, device, opts, num_workers=0):
-    """raw_predictions of a CellDataset at its own image size (sizing None); image ids = dataset indices."""
-    return raw_predictions(model, in_order_loader(dataset, num_workers), device, opts, lambda t: t["image_id"],
-                           "validate")
-
-
-def evaluate(model, dataset, device, opts, mask_threshold=MASK_THRESHOLD, coco_gt=None, num_workers=0):
-    """Leaderboard-style segm AP50 (maxDets 100) and AP@[.5:.95] on a CellDataset at its own image
-    size (sizing None): the model input is sized, tiled and augmented as at test time."""
-    coco_gt = coco_gt if coco_gt is not None else val_ground_truth(dataset)
-    results = to_records(val_predictions(model, dataset, device, opts, num_workers), mask_threshold)
-    return coco_evaluate(coco_gt, results, max_dets=100), results
-
-
-SWEEP_MASK_THRESHOLDS = [round(0.3 + 0.05 * i, 2) for i in range(11)]  # 0.3 .. 0.8
-SWEEP_SCORE_THRESHOLDS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
-
-
-def sweep(raw, coco_gt, mask_thresholds=SWEEP_MASK_THRESHOLDS, score_thresholds=SWEEP_SCORE_THRESHOLDS):
-    """AP50 (maxDets 100) for every mask threshold x score threshold from one set of raw predictions:
-    {(mask_threshold, score_threshold): ap50}."""
-    table = {}
-    for mt in mask_thresholds:
-        records = to_records(raw, mt)
-        for st in score_thresholds:
-            table[(mt, st)] = coco_evaluate(coco_gt, [r for r in records if r["score"] >= st], max_dets=100)["ap50"]
-    return table
-
-
-def format_sweep(table):
-    mts = sorted({k[0] for k in table})
-    sts = sorted({k[1] for k in table})
-    best = max(table, key=table.get)
-    lines = ["AP50 (maxDets 100) by mask threshold (rows) and score threshold (columns)",
-             "mask \\ score " + "".join(f"{st:>8.2f}" for st in sts)]
-    for mt in mts:
-        lines.append(f"{mt:>12.2f} " + "".join(f"{table[(mt, st)]:>8.4f}" for st in sts))
-    lines.append(f"best: mask threshold {best[0]}, score threshold {best[1]} -> AP50 {table[best]:.4f}")
-    return "\n".join(lines)
 
 
 CLASS_COLOURS = {1: (230, 25, 75), 2: (60, 180, 75), 3: (0, 130, 200), 4: (255, 225, 25)}  # RGB
@@ -466,47 +417,6 @@ def write_submission(results, table, path):
     return path
 
 
-def print_metrics(metrics, n_images, n_detections):
-    print(f"val images {n_images}, detections {n_detections}\n"
-          f"  AP50 (leaderboard, maxDets 100) {metrics['ap50']:.4f}\n"
-          f"  AP50 (maxDets 1000)             {metrics['ap50_maxdets1000']:.4f}\n"
-          f"  AP@[.5:.95]                     {metrics['ap']:.4f}\n"
-          f"  per-class AP50                  "
-          + "  ".join(f"{k}: {v:.3f}" for k, v in metrics["per_class_ap50"].items()) + "\n"
-          f"  accuracy@0.5 TP/(TP+FP+FN)      {metrics['accuracy']:.4f} (TP {metrics['tp']}, FP {metrics['fp']}, "
-          f"FN {metrics['fn']}; score >= 0.5)")
-
-
-def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
-    """--eval / --sweep (and their --overlay): one pass of the model over the checkpoint's val split."""
-    if not ckpt.get("val_ids"):
-        raise SystemExit(f"{checkpoint} has no validation split to evaluate (trained with VAL_FRACTION 0)")
-    dataset = CellDataset(data_dir, ckpt["val_ids"], train=False)
-    coco_gt = val_ground_truth(dataset)
-    raw = val_predictions(model, dataset, device, opts, cfg["NUM_WORKERS"])
-    results = to_records(raw, cfg["MASK_THRESHOLD"])
-    metrics = coco_evaluate(coco_gt, results, max_dets=100)
-    metrics["ap50_maxdets1000"] = coco_evaluate(coco_gt, results, max_dets=1000)["ap50"]
-    metrics.update(matching_accuracy(coco_gt, results))
-    print_metrics(metrics, len(dataset), len(results))
-    out_dir = Path(checkpoint).parent
-    if cfg["SWEEP"]:
-        table = sweep(raw, coco_gt, sorted({*SWEEP_MASK_THRESHOLDS, cfg["MASK_THRESHOLD"]}),
-                      sorted({*SWEEP_SCORE_THRESHOLDS, cfg["SCORE_THRESHOLD"]}))
-        print(format_sweep(table))
-        lines = ["mask_threshold,score_threshold,ap50"] + [f"{m},{s},{v:.6f}" for (m, s), v in sorted(table.items())]
-        with utils.atomic_write(out_dir / "sweep.csv", "w") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"wrote {out_dir / 'sweep.csv'}")
-        metrics["sweep"] = table
-    if cfg["OVERLAY"] > 0:
-        paths = write_overlays(dataset, results, out_dir / "overlays", cfg["OVERLAY"])
-        print(f"wrote {len(paths)} overlay(s) to {out_dir / 'overlays'} (left: ground truth, right: predictions "
-              "scoring >= 0.5; class 1 red, 2 green, 3 blue, 4 yellow)")
-        metrics["overlays"] = paths
-    return metrics
-
-
 def main(argv=None):
     ns = {k: v for k, v in globals().items() if k.isupper() and not k.startswith(("SWEEP_", "CLASS_"))}
     cfg, _ = apply_overrides(ns, argv, description=__doc__)
@@ -526,7 +436,8 @@ def main(argv=None):
           + f", at most {max_size} px a side" + (" (larger: tiles)" if opts["tile"] else "") + f", TTA {opts['tta']}")
     t0 = time.time()
     if cfg["EVAL"] or cfg["SWEEP"]:
-        return run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts)
+        import evaluate  # scoring lives in evaluate.py, which imports this module
+        return evaluate.run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts)
     dataset = TestDataset(data_dir)
     if dataset.unlisted:
         print(f"warning: {len(dataset.unlisted)} file(s) in {dataset.dir} are not in the id table and are "

@@ -1,17 +1,21 @@
 """Training losses: torchvision's stock Mask R-CNN set, or the report's set, chosen by LOSSES.
 
-    term               stock                          ciou_dice_boundary       report
-    loss_objectness    RPN BCE                        stock                    stock
-    loss_rpn_box_reg   RPN smooth-L1                  stock                    stock
-    loss_classifier    cross-entropy                  cross-entropy            focal (alpha .25, gamma 2)
-    loss_box_reg       smooth-L1 on deltas            (weight 0)               (weight 0)
-    loss_box_ciou      -                              CIoU on decoded boxes    CIoU on decoded boxes
-    loss_mask          BCE on 28x28 targets           (weight 0)               (weight 0)
-    loss_dice          -                              Dice                     Dice
-    loss_boundary      -                              boundary (x0.1)          boundary (x0.1)
+    term               stock                   ciou_dice_boundary          report
+    loss_objectness    RPN BCE          x1     stock                       stock
+    loss_rpn_box_reg   RPN smooth-L1    x1     stock                       stock
+    loss_classifier    cross-entropy    x1     cross-entropy  x1           focal (alpha .25, gamma 2)  x2.5
+    loss_box_reg       smooth-L1 (deltas) x1   smooth-L1      x0.5         smooth-L1                   x0.5
+    loss_box_ciou      -                       CIoU (boxes)   x CIOU_WEIGHT   CIoU (boxes)             x CIOU_WEIGHT
+    loss_mask          BCE (28x28)      x1     BCE            x1/3         BCE                         x1/3
+    loss_dice          -                       Dice           x1/3         Dice                        x1/3
+    loss_boundary      -                       boundary       x0.1/3       boundary                    x0.1/3
 
-Every term of a preset is computed and logged, also those it weighs 0; LOSS_WEIGHTS ({term:
-weight}) overrides a preset's weights, e.g. '{"loss_box_reg": 1}' adds smooth-L1 back to CIoU.
+The report ADDS its terms to the stock ones, and the authors' code sums them so: box = 0.5 x
+smooth-L1 + IoU term, mask = (BCE + Dice + 0.1 x boundary) / 3, classification = 2.5 x focal.
+Their IoU term (weight 5) ran on encoded deltas; ours is CIoU on decoded boxes in pixels, a term of
+another scale, so its weight CIOU_WEIGHT is our own (see README, Losses). Every term of a preset is
+computed and logged; LOSS_WEIGHTS ({term: weight}) overrides a preset's weights, e.g.
+'{"loss_box_ciou": 5}'.
 
 The plug-in keeps torchvision's code: `LossRoIHeads` is torchvision's RoIHeads whose forward,
 in training only, swaps torchvision's two loss functions (`fastrcnn_loss`, `maskrcnn_loss`) for
@@ -30,11 +34,13 @@ LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_box_ciou", "loss_mask", "
               "loss_objectness", "loss_rpn_box_reg")
 _STOCK = {"loss_classifier": 1.0, "loss_box_reg": 1.0, "loss_mask": 1.0, "loss_objectness": 1.0,
           "loss_rpn_box_reg": 1.0}
-_REPORT_TERMS = {"loss_box_reg": 0.0, "loss_box_ciou": 1.0, "loss_mask": 0.0, "loss_dice": 1.0, "loss_boundary": 0.1}
+CIOU_WEIGHT = 1.0
+_REPORT_TERMS = {"loss_box_reg": 0.5, "loss_box_ciou": CIOU_WEIGHT,
+                 "loss_mask": 1 / 3, "loss_dice": 1 / 3, "loss_boundary": 0.1 / 3}
 PRESETS = {  # preset -> (classification loss, default weight of each term)
     "stock": ("ce", _STOCK),
     "ciou_dice_boundary": ("ce", {**_STOCK, **_REPORT_TERMS}),
-    "report": ("focal", {**_STOCK, **_REPORT_TERMS}),
+    "report": ("focal", {**_STOCK, **_REPORT_TERMS, "loss_classifier": 2.5}),
 }
 FOCAL_ALPHA = 0.25
 FOCAL_GAMMA = 2.0
@@ -43,19 +49,25 @@ FOCAL_GAMMA = 2.0
 # ----------------------------------------------------------------------------------------------
 # the terms
 def focal_loss(logits, labels, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA):
-    """Multi-class (softmax) focal loss of Lin et al. 2017, averaged over the sampled RoIs.
+    """Multi-class (softmax) focal loss of Lin et al. 2017 over the sampled RoIs.
 
     Per RoI: -alpha_t * (1 - p_t)^gamma * log p_t, with p_t the softmax probability of its label.
     Background is class 0 of the softmax, a class like the others: an easy background RoI
-    (p_t near 1) is down-weighted by (1 - p_t)^gamma exactly as an easy cell is. alpha_t = alpha
-    for foreground RoIs and 1 for background RoIs (torchvision's sampler gives ~3 background RoIs
-    per cell RoI; alpha = 0.25 keeps RetinaNet's balance of the two). gamma = 0 and alpha = 1 is
-    cross-entropy. (torchvision.ops.sigmoid_focal_loss is the one-vs-all sigmoid form, not this.)
+    (p_t near 1) is down-weighted by (1 - p_t)^gamma exactly as an easy cell is. alpha_t as Lin et
+    al.: alpha for cell RoIs, 1 - alpha for background RoIs (0.25 : 0.75 = 1:3, the ratio of cell
+    to background RoIs that torchvision's sampler aims at, 128:384 of 512). gamma = 0 and alpha =
+    0.5 is half the cross-entropy.
+
+    Normalisation: the sum over RoIs divided by the number of sampled RoIs (cells and background),
+    the mean that torchvision's cross-entropy takes, so the term keeps its scale when the number of
+    RoIs changes (the report weighs it x2.5). RetinaNet divides by the number of positive anchors
+    instead because it scores every anchor (~100k, nearly all easy background); here the sampler
+    already fixed the count. (torchvision.ops.sigmoid_focal_loss is the one-vs-all sigmoid form.)
     """
     log_p = F.log_softmax(logits, dim=-1)
     log_pt = log_p.gather(1, labels[:, None])[:, 0]
     pt = log_pt.exp()
-    alpha_t = torch.where(labels > 0, torch.full_like(pt, alpha), torch.ones_like(pt))
+    alpha_t = torch.where(labels > 0, torch.full_like(pt, alpha), torch.full_like(pt, 1.0 - alpha))
     loss = -alpha_t * (1.0 - pt).clamp(min=0).pow(gamma) * log_pt
     return loss.sum() / max(labels.numel(), 1)
 

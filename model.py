@@ -5,7 +5,6 @@
     -> FeaturePyramidNetwork (+ max-pool level) -> RPN with the report's anchors
     -> box head (RoIAlign 7, sampling 2) -> mask head (RoIAlign 14, sampling 4)
 """
-import warnings
 from collections import OrderedDict
 from pathlib import Path
 
@@ -49,6 +48,33 @@ def freeze_batchnorm(module):
         else:
             freeze_batchnorm(child)
     return timm.layers.freeze_batch_norm_2d(module)  # BatchNormAct2d and other timm norms
+
+
+def parse_freeze_bn(value):
+    """FREEZE_BN as given (bool, or 'auto'/'true'/'false' from the command line) -> True, False or 'auto'."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "false"):
+        return {"true": True, "false": False}.get(text, "auto")
+    raise ValueError(f"FREEZE_BN {value!r}: choose auto, true or false")
+
+
+def freeze_bn_setting(cfg):
+    """(freeze?, why) for a run configuration. FREEZE_BN 'auto' freezes BatchNorm where the backbone
+    starts from pretrained weights (PRETRAINED or PRETRAINED_WEIGHTS): their statistics are good and
+    batch-1 statistics would be noise. It keeps BatchNorm live where the backbone starts from random
+    values: frozen there, BatchNorm would stay at its initial values for ever, and timm zero-initialises
+    the last BatchNorm of every residual block, so every residual branch would output zero.
+    true/false force it. A configuration without FREEZE_BN (older checkpoints) meant true."""
+    setting = parse_freeze_bn(cfg.get("FREEZE_BN", True))
+    pretrained = bool(cfg.get("PRETRAINED") or cfg.get("PRETRAINED_WEIGHTS"))
+    if setting != "auto":
+        return setting, f"FREEZE_BN {str(setting).lower()}"
+    if pretrained:
+        return True, "FREEZE_BN auto: pretrained weights, their BatchNorm statistics kept (batch-1 statistics are noise)"
+    return False, ("FREEZE_BN auto: random backbone, BatchNorm learns (frozen, timm's zero-initialised "
+                   "BatchNorms would silence every residual branch)")
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -208,11 +234,7 @@ def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0
     body = create_timm_features(cfg["BACKBONE"],
                                 pretrained=load_pretrained and cfg.get("PRETRAINED", False),
                                 pretrained_weights=cfg.get("PRETRAINED_WEIGHTS", "") if load_pretrained else "")
-    if cfg.get("FREEZE_BN", True):
-        if load_pretrained and not (cfg.get("PRETRAINED") or cfg.get("PRETRAINED_WEIGHTS")):
-            warnings.warn("FREEZE_BN with a randomly initialised backbone fixes BatchNorm at its initial "
-                          "values (and timm zero-initialises some of them); use --freeze-bn false when "
-                          "training from scratch", stacklevel=2)
+    if freeze_bn_setting(cfg)[0]:
         body = freeze_batchnorm(body)
     backbone = TimmFPN(body, cfg.get("FPN_CHANNELS", FPN_CHANNELS))
     data_cfg = body.pretrained_cfg

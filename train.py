@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import evaluate
 import infer
 import losses
 from dataset import CellDataset, DataError, check_train_data, collate, list_train_ids, make_demo_data, split_ids
-from model import PretrainedWeightsError, build_model, load_weights
+from model import PretrainedWeightsError, build_model, freeze_bn_setting, load_weights, parse_freeze_bn
 from utils import (CheckpointError, apply_overrides, atomic_write, load_checkpoint, rng_state, save_checkpoint, save_json,
                    seed_everything, set_rng_state)
 
@@ -35,7 +36,8 @@ RUN_DIR = ""                  # '' = runs/<date-time>
 BACKBONE = "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"  # any timm model name
 PRETRAINED = True             # true: ImageNet weights from timm's hub
 PRETRAINED_WEIGHTS = ""       # local weights file (Kaggle without internet); wins over the hub
-FREEZE_BN = True              # batch 1 makes live BatchNorm statistics noise: freeze them
+FREEZE_BN = "auto"            # auto: frozen where pretrained weights were loaded (batch 1 makes live statistics
+                              # noise), live for a random backbone (frozen, it could never learn); true | false
 FPN_CHANNELS = 256
 ROI_BATCH_SIZE = 512          # RoIs sampled per image for the box head (torchvision default)
 MIN_SIZE = 800                # shorter side resized to MIN_SIZE (torchvision's rule) ...
@@ -44,8 +46,11 @@ SCALE = 0.0                   # > 0: resize every image by this fixed factor ins
                               # 2x upscaling); training crops a random MAX_SIZE/SCALE window from larger
                               # images, inference tiles them (infer.py TILE)
 EPOCHS = 50
+MAX_MINUTES = 0.0             # > 0: also stop when training steps (validation not counted) have taken this long,
+                              # mid-epoch if need be (a time budget; ablate.py --minutes)
 BATCH_SIZE = 1
-LR = 5e-5                     # AdamW
+LR = "auto"                   # AdamW; auto: 5e-5 (the recipe's fine-tuning rate) with pretrained weights,
+                              # 2e-4 for a backbone from scratch (measured: ~3x the AP50 of 5e-5 there)
 WEIGHT_DECAY = 1e-3
 WARMUP_ITERS = 500            # linear warm-up from LR/1000 (capped at one epoch)
 LR_PATIENCE = 2               # ReduceLROnPlateau on val AP50 ...
@@ -55,6 +60,8 @@ GRAD_CLIP = 10.0              # max gradient norm; 0 = off
 AMP = "auto"                  # mixed precision for training: auto (GPU of capability >= 8.0: bf16; older GPUs
                               # such as T4/P100: fp16 + GradScaler; CPU: off) | fp16 | bf16 | off
 VAL_FRACTION = 0.1
+MIN_VAL_IMAGES = 5            # a smaller val split is logged but picks nothing (best.pt = latest weights, no LR
+                              # plateau, no early stop): the AP50 of one or two images is noise
 VAL_DETECTIONS_PER_IMAGE = 1000  # as the submission keeps
 MASK_THRESHOLD = 0.5          # for validation AP
 SEED = 42
@@ -77,13 +84,14 @@ DEMO_SETTINGS = dict(
     VAL_FRACTION=0.2, VAL_DETECTIONS_PER_IMAGE=200, NUM_WORKERS=0, EARLY_STOP_PATIENCE=5,
 )
 METRIC_FIELDS = ["epoch", "lr", "train_loss", *losses.LOSS_TERMS, "val_loss", "val_ap50", "val_ap",
-                 "skipped_steps", "epoch_seconds"]
+                 "skipped_steps", "epoch_seconds", "train_seconds"]
 MAX_SKIPPED_STEPS = 20  # consecutive non-finite losses before giving up
+AUTO_LR = {"pretrained": 5e-5, "scratch": 2e-4}  # LR "auto"
 
 
 def resolve_config(argv=None):
     ns = {k: v for k, v in globals().items() if k.isupper() and k not in ("DEMO_SETTINGS", "METRIC_FIELDS",
-                                                                         "MAX_SKIPPED_STEPS")}
+                                                                         "MAX_SKIPPED_STEPS", "AUTO_LR")}
     cfg, given = apply_overrides(ns, argv, description=__doc__)
     ckpt = None
     if cfg["RESUME"] and cfg["RUN_DIR"]:  # a resumed run keeps its configuration, but for what is given now
@@ -92,6 +100,7 @@ def resolve_config(argv=None):
         given = set(ckpt["config"]) | given
     if cfg["DEMO"]:
         cfg.update({k: v for k, v in DEMO_SETTINGS.items() if k not in given})
+    resolve_training_defaults(cfg, fresh=ckpt is None)
     if cfg["LOSSES"] not in losses.PRESETS:
         raise SystemExit(f"--losses {cfg['LOSSES']!r} is not a preset; choose one of {', '.join(losses.PRESETS)}")
     if not cfg["RUN_DIR"]:
@@ -99,6 +108,29 @@ def resolve_config(argv=None):
             raise SystemExit("--resume needs --run-dir: the run folder to continue")
         cfg["RUN_DIR"] = f"runs/{'demo-' if cfg['DEMO'] else ''}{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg, ckpt
+
+
+def resolve_training_defaults(cfg, fresh=True):
+    """FREEZE_BN and LR as the run will use them (in place): 'auto' follows whether the backbone starts
+    from pretrained weights. A new run that would freeze a random backbone's BatchNorm is refused."""
+    try:
+        cfg["FREEZE_BN"] = parse_freeze_bn(cfg["FREEZE_BN"])
+    except ValueError as e:
+        raise SystemExit(f"--freeze-bn: {e}") from None
+    pretrained = bool(cfg["PRETRAINED"] or cfg["PRETRAINED_WEIGHTS"])
+    if fresh and cfg["FREEZE_BN"] is True and not pretrained:
+        raise SystemExit("FREEZE_BN true with a randomly initialised backbone (--pretrained false, no "
+                         "--pretrained-weights) would fix BatchNorm at its initial values for ever, and timm "
+                         "zero-initialises the last BatchNorm of every residual block: every residual branch "
+                         "would output zero. Use --freeze-bn auto (or false) to train from scratch.")
+    if str(cfg["LR"]).strip().lower() == "auto":
+        cfg["LR"] = AUTO_LR["pretrained" if pretrained else "scratch"]
+    else:
+        try:
+            cfg["LR"] = float(cfg["LR"])
+        except ValueError:
+            raise SystemExit(f"--lr {cfg['LR']!r}: a number or auto") from None
+    return cfg
 
 
 def amp_rule(setting, capability):
@@ -255,10 +287,11 @@ def restore_rng(ckpt, generator, rank, world, device, fallback_seed):
     return notes
 
 
-def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None):
+def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None, deadline=None):
     """One pass over the training split; returns the mean of each loss term and the step count skipped.
     dtype: autocast dtype (None = full precision); scaler: a GradScaler for fp16. Under DDP the figures
-    are over all processes, and a step is skipped on all of them when any one's loss is not finite."""
+    are over all processes, and a step is skipped on all of them when any one's loss is not finite.
+    deadline: a time.time() at which the epoch ends early (MAX_MINUTES), on all processes alike."""
     device = torch.device(device)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     model.train()
@@ -268,6 +301,8 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scale
     bar = tqdm(loader, desc=f"epoch {state['epoch'] + 1}/{cfg['EPOCHS']}", dynamic_ncols=True, disable=not rank0)
     t_last = time.time()
     for images, targets in bar:
+        if deadline is not None and not all_ranks_agree(time.time() < deadline, device):
+            break
         if state["step"] < warmup:  # linear warm-up to the current LR (the plateau scheduler acts later)
             for g in optimizer.param_groups:
                 g["lr"] = g["initial_lr"] * (0.001 + 0.999 * (state["step"] + 1) / warmup)
@@ -330,7 +365,7 @@ def validation_loss(model, loader, device, weights):
 def validate(net, loss_loader, val_set, device, weights, opts, mask_threshold, coco_gt):
     """The epoch's validation figures: val loss, leaderboard AP50 and AP@[.5:.95]."""
     val_loss = validation_loss(net, loss_loader, device, weights)
-    metrics, _ = infer.evaluate(net, val_set, device, opts, mask_threshold, coco_gt)
+    metrics, _ = evaluate.evaluate(net, val_set, device, opts, mask_threshold, coco_gt)
     return {"val_loss": val_loss, "val_ap50": metrics["ap50"], "val_ap": metrics["ap"]}
 
 
@@ -468,24 +503,38 @@ def train(cfg, ckpt, rank, world, device):
         + (f"x{cfg['SCALE']:g} (random {int(cfg['MAX_SIZE'] / cfg['SCALE'])}-px crops of larger images)"
            if cfg["SCALE"] > 0 else f"MIN_SIZE {cfg['MIN_SIZE']}") + f", at most {cfg['MAX_SIZE']} px a side")
 
+    start = "pretrained" if cfg["PRETRAINED"] or cfg["PRETRAINED_WEIGHTS"] else "scratch"
+    log(f"{freeze_bn_setting(cfg)[1]}; LR {cfg['LR']:g}"
+        + (f" (LR auto's rate for a {'pretrained' if start == 'pretrained' else 'random'} backbone)"
+           if cfg["LR"] == AUTO_LR[start] else ""))
+    select = len(val_set) >= cfg["MIN_VAL_IMAGES"]  # does val AP50 pick best.pt, the LR and early stopping?
+    if len(val_set) and not select:
+        log(f"val split of {len(val_set)} image(s) < MIN_VAL_IMAGES {cfg['MIN_VAL_IMAGES']}: its AP50 is logged "
+            "but picks nothing (best.pt = the latest weights, fixed LR, no early stop)")
     opts = infer.predict_options(cfg, detections_per_image=cfg["VAL_DETECTIONS_PER_IMAGE"])
-    coco_gt = infer.val_ground_truth(val_set) if len(val_set) and rank == 0 else None  # rank 0 validates
+    coco_gt = evaluate.val_ground_truth(val_set) if len(val_set) and rank == 0 else None  # rank 0 validates
     if state["stopped_early"] or state["epoch"] >= cfg["EPOCHS"]:
         log(f"{run_dir} has finished training (epoch {state['epoch']}); nothing to do")
-    while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"]:
+    budget = cfg["MAX_MINUTES"] * 60
+    out_of_time = lambda: budget > 0 and state.get("train_seconds", 0.0) >= budget  # noqa: E731
+    if out_of_time():
+        log(f"{run_dir} has used its MAX_MINUTES {cfg['MAX_MINUTES']:g} of training; nothing to do")
+    while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"] and not out_of_time():
         t0 = time.time()
         if sampler is not None:
             sampler.set_epoch(state["epoch"])
+        deadline = t0 + budget - state.get("train_seconds", 0.0) if budget > 0 else None
         train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state, weights,
-                                               scaler, dtype)
+                                               scaler, dtype, deadline)
+        state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - t0
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
         if len(val_set):  # rank 0 validates; the others get its figures (or its error)
             row.update(on_rank0("validating", lambda: validate(net, loss_loader, val_set, device, weights, opts,
                                                                cfg["MASK_THRESHOLD"], coco_gt)))
-        improved = True  # with no val split, the latest weights are the best we know
-        if len(val_set):
+        improved = True  # with no (or too small a) val split, the latest weights are the best we know
+        if select:
             ap50 = row["val_ap50"] if not math.isnan(row["val_ap50"]) else -math.inf
             improved = ap50 > state["best_ap50"]
             scheduler.step(ap50)  # every process steps the same schedule and early stop
@@ -496,7 +545,7 @@ def train(cfg, ckpt, rank, world, device):
                 if state["bad_epochs"] >= cfg["EARLY_STOP_PATIENCE"]:
                     state["stopped_early"] = True
                     log(f"early stop: no better val AP50 for {state['bad_epochs']} epochs")
-        row["epoch_seconds"] = time.time() - t0
+        row["epoch_seconds"], row["train_seconds"] = time.time() - t0, state["train_seconds"]
         state["history"].append(row)
         streams = gather_rng(generator, device)
 
@@ -517,7 +566,8 @@ def train(cfg, ckpt, rank, world, device):
     if distributed():
         digest = check_ranks_in_sync(net)
         log(f"DDP: the {world} processes hold identical weights (parameters sha256 {digest[:16]})")
-    log(f"done after {state['epoch']} epochs: best val AP50 {state['best_ap50']:.4f}; {run_dir}/best.pt")
+    log(f"done after {state['epoch']} epochs: " + (f"best val AP50 {state['best_ap50']:.4f}" if select else
+        "best.pt = the latest weights") + f"; {run_dir}/best.pt")
 
     if cfg["DEMO"] and rank == 0:
         infer.main(["--checkpoint", str(run_dir / "best.pt"), "--output-json", str(run_dir / "test-results.json"),

@@ -1,11 +1,10 @@
 """Shared helpers: command-line overrides of constants, seeding, atomic checkpoint and JSON I/O,
-COCO RLE encoding and the leaderboard's COCO evaluation.
+COCO RLE encoding (the leaderboard's COCO evaluation is in evaluate.py).
 
 Everything here is small glue around argparse, torch.save, pycocotools and json.
 """
 import argparse
 import contextlib
-import io
 import json
 import os
 import random
@@ -15,8 +14,6 @@ import tempfile
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 NUM_CLASSES = 4  # cell classes 1..4; the model adds background as class 0
 
@@ -200,90 +197,5 @@ def decode_mask(rle):
     return mask_utils.decode(_bytes_rle(rle))
 
 
-# ----------------------------------------------------------------------------------------------
-# evaluation, the leaderboard's way: pycocotools COCOeval, iouType segm, maxDets (1, 10, 100)
-def coco_ground_truth(images):
-    """Build a pycocotools COCO object from [{'id', 'height', 'width', 'masks' (N,H,W), 'labels' (N,)}]."""
-    dataset = {"images": [], "annotations": [],
-               "categories": [{"id": k, "name": f"class{k}"} for k in range(1, NUM_CLASSES + 1)]}
-    ann_id = 1
-    for im in images:
-        dataset["images"].append({"id": int(im["id"]), "height": int(im["height"]), "width": int(im["width"])})
-        for mask, label in zip(im["masks"], im["labels"]):
-            rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
-            dataset["annotations"].append({
-                "id": ann_id, "image_id": int(im["id"]), "category_id": int(label), "iscrowd": 0,
-                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
-            ann_id += 1
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = dataset
-        coco.createIndex()
-    return coco
-
-
 def _bytes_rle(rle):
     return {"size": rle["size"], "counts": rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]}
-
-
-def coco_evaluate(coco_gt, results, max_dets=100, img_ids=None):
-    """Segmentation COCOeval of `results` (submission-format dicts) against `coco_gt`.
-
-    Returns {'ap50', 'ap', 'ap75', 'per_class_ap50': {k: ap}}; AP is NaN where the ground truth
-    has no instance (pycocotools' -1), and 0 where there are instances but no predictions.
-    """
-    img_ids = sorted(coco_gt.getImgIds()) if img_ids is None else list(img_ids)
-    has_gt = len(coco_gt.getAnnIds(imgIds=img_ids)) > 0
-    if not results:
-        zero = 0.0 if has_gt else float("nan")
-        return {"ap50": zero, "ap": zero, "ap75": zero,
-                "per_class_ap50": {k: (0.0 if coco_gt.getAnnIds(imgIds=img_ids, catIds=[k]) else float("nan"))
-                                   for k in range(1, NUM_CLASSES + 1)}}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes([dict(r, segmentation=_bytes_rle(r["segmentation"])) for r in results])
-        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
-        ev.params.imgIds = img_ids
-        ev.params.maxDets = [1, 10, max_dets]
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    stats = [float("nan") if s < 0 else float(s) for s in ev.stats]
-    # precision: [T iou thresholds, R recall, K categories, A areas, M maxDets]; area 'all', last maxDets
-    per_class = {}
-    for k_index, cat in enumerate(ev.params.catIds):
-        p = ev.eval["precision"][0, :, k_index, 0, -1]
-        p = p[p > -1]
-        per_class[int(cat)] = float(p.mean()) if p.size else float("nan")
-    return {"ap50": stats[1], "ap": stats[0], "ap75": stats[2], "per_class_ap50": per_class}
-
-
-def matching_accuracy(coco_gt, results, iou_threshold=0.5, min_score=0.5):
-    """The cell papers' accuracy (Cellpose, StarDist): TP / (TP + FP + FN) over all images, where
-    predictions scoring at least min_score are matched one-to-one to ground-truth instances of any
-    class at mask IoU >= iou_threshold, greedily in score order."""
-    by_image = {}
-    for r in results:
-        if r["score"] >= min_score:
-            by_image.setdefault(r["image_id"], []).append(r)
-    tp = fp = fn = 0
-    for img_id in coco_gt.getImgIds():
-        gts = [_bytes_rle(a["segmentation"]) for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_id))]
-        preds = sorted(by_image.get(img_id, []), key=lambda r: -r["score"])
-        if not gts or not preds:
-            fp += len(preds)
-            fn += len(gts)
-            continue
-        ious = mask_utils.iou([_bytes_rle(p["segmentation"]) for p in preds], gts, [0] * len(gts))
-        matched = np.zeros(len(gts), bool)
-        for row in np.asarray(ious).reshape(len(preds), len(gts)):
-            row = np.where(matched, -1.0, row)
-            j = int(row.argmax())
-            if row[j] >= iou_threshold:
-                matched[j] = True
-                tp += 1
-            else:
-                fp += 1
-        fn += int((~matched).sum())
-    total = tp + fp + fn
-    return {"accuracy": tp / total if total else float("nan"), "tp": tp, "fp": fp, "fn": fn}

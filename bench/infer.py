@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from procmem import in_fresh_process, rss_mb, start_peaks  # noqa: E402  (bench/ is the script folder)
-TABLE = ROOT.parent / "shared" / "hw3-real" / "test_image_name_to_ids.json"
+from hw3real import TABLE  # noqa: E402  (bench/ is the script folder)
 
 
 def make_output(n, h, w, device, seed=0):

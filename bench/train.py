@@ -7,7 +7,7 @@ image, same instances, one run.
 
 The input is the hardest training image of HW3's kind: 1731 x 2162 px (the largest training image)
 holding 772 cells (the most in one image), the cells being real cell masks taken from
-../shared/hw3-real/val_geometry_coco.json and placed without overlap.
+assets/hw3-real/val_geometry_coco.json.gz and placed without overlap.
 
 - ours: train.py's path: CellDataset resizes the image and its 4 label maps to the input size (MIN_SIZE
   800 / MAX_SIZE 1333) and makes the masks there, once, as uint8; the model does not resize; report
@@ -21,7 +21,6 @@ a warm-up step), peak host memory above the process's level after imports, peak 
 (allocator), bytes of the masks handed to the model. Last line: the ours/stock ratios.
 """
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from procmem import in_fresh_process, rss_mb, start_peaks  # noqa: E402  (bench/ is the script folder)
-GEOMETRY = ROOT.parent / "shared" / "hw3-real" / "val_geometry_coco.json"
+from hw3real import load_geometry  # noqa: E402
 
 
 def make_sample(root, height, width, n, seed=0):
@@ -42,7 +41,7 @@ def make_sample(root, height, width, n, seed=0):
     import tifffile
     from pycocotools import mask as mask_utils
     rng = np.random.default_rng(seed)
-    anns = json.loads(GEOMETRY.read_text())["annotations"]
+    anns = load_geometry()["annotations"]
     labels = np.zeros((height, width, 4), np.float32)
     taken = np.zeros((height, width), bool)
     image = np.empty((height, width, 3), np.uint8)

@@ -8,8 +8,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download: a hub call fails at once
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared" / "hw3-real"
-SAMPLE = SHARED / "sample_train" / "course-sample"
+sys.path.insert(1, str(ROOT / "bench"))  # bench scripts' helpers (hw3real, realistic_data, peer)
+ASSETS = ROOT / "assets" / "hw3-real"  # the public course material, inside the repo (assets/hw3-real/README.md)
+SAMPLE = ASSETS / "sample_train" / "course-sample"
 
 # A CPU-sized model: timm's 0.4M-parameter test ResNet, thin FPN, few RoIs, small images.
 TINY = dict(BACKBONE="test_resnet", PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=False, FPN_CHANNELS=32,
@@ -54,7 +55,6 @@ def demo_dir(tmp_path_factory):
 @pytest.fixture
 def sample_dir(tmp_path):
     """DATA_DIR holding the real course sample as train/course-sample."""
-    if not SAMPLE.is_dir():
-        pytest.skip(f"real sample not found at {SAMPLE}")
+    assert SAMPLE.is_dir(), f"the real course sample is part of the repo: {SAMPLE} is missing"
     shutil.copytree(SAMPLE, tmp_path / "train" / "course-sample")
     return tmp_path

@@ -198,12 +198,12 @@ def test_each_rank_draws_its_own_augmentation_stream_reproducibly():
 FAILING_RUN = """
 import runpy, sys
 import torch.distributed as dist
-import infer
-def evaluate(*args, **kwargs):
+import evaluate
+def failing_evaluate(*args, **kwargs):
     if dist.get_rank() == 0:
         raise RuntimeError("validation blew up")
     raise AssertionError("only rank 0 validates")
-infer.evaluate = evaluate
+evaluate.evaluate = failing_evaluate
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 """

@@ -115,3 +115,23 @@ def test_label_map_problems_name_the_file(tmp_path):
 def test_missing_data_folder_says_what_layout_was_expected(tmp_path):
     with pytest.raises(DataError, match="does not exist.*train/<id>/image.tif"):
         list_train_ids(tmp_path / "nope")
+
+
+def test_course_material_is_in_the_repo_and_geometry_reads_both_segmentation_forms(tmp_path):
+    import gzip
+    import json
+    import hw3real
+    from conftest import ASSETS
+    assert ASSETS.is_dir() and hw3real.SAMPLE.is_dir() and hw3real.TABLE.is_file()
+    coco = hw3real.load_geometry()
+    assert len(coco["images"]) == 50 and len(coco["annotations"]) == 6860
+    ann = dict(coco["annotations"][0])
+    truth = hw3real.decode(ann)
+    # the course's own form: the RLE dict as a Python-repr string (single quotes)
+    as_string = {**coco, "images": coco["images"][:1], "annotations": [{**ann, "segmentation": repr(ann["segmentation"])}]}
+    path = tmp_path / "g.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump(as_string, f)
+    parsed = hw3real.load_geometry(path)["annotations"][0]
+    assert isinstance(parsed["segmentation"], dict) and (hw3real.decode(parsed) == truth).all()
+    assert truth.sum() == ann["area"]

@@ -12,10 +12,10 @@ from dataset import CellDataset, list_train_ids
 from model import build_model
 
 
-def test_focal_with_gamma_0_alpha_1_is_cross_entropy():
+def test_focal_with_gamma_0_alpha_half_is_half_cross_entropy():
     torch.manual_seed(0)
     logits, labels = torch.randn(64, 5), torch.randint(0, 5, (64,))
-    assert torch.allclose(losses.focal_loss(logits, labels, alpha=1.0, gamma=0.0), F.cross_entropy(logits, labels))
+    assert torch.allclose(losses.focal_loss(logits, labels, alpha=0.5, gamma=0.0), 0.5 * F.cross_entropy(logits, labels))
 
 
 def test_focal_down_weights_easy_examples():
@@ -25,10 +25,23 @@ def test_focal_down_weights_easy_examples():
     ce = [F.cross_entropy(logits[i:i + 1], labels[i:i + 1]) for i in range(2)]
     assert per[0] / ce[0] < 0.01 < per[1] / ce[1]  # the easy one loses almost all its weight
     assert per[1] / ce[1] > 0.3
-    # alpha acts on foreground only: background RoIs keep weight 1
-    bg = torch.tensor([0])
-    assert torch.allclose(losses.focal_loss(logits[1:], bg, alpha=0.25, gamma=0),
-                          F.cross_entropy(logits[1:], bg))
+
+
+def test_focal_alpha_t_is_alpha_on_cells_and_one_minus_alpha_on_background():
+    """Lin et al.: alpha_t = alpha for a cell RoI, 1 - alpha for a background RoI (0.25 : 0.75 = 1:3)."""
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5)
+    cells, background = torch.tensor([1, 2, 3, 4, 2, 1]), torch.zeros(6, dtype=torch.int64)
+    for alpha in (0.25, 0.6):
+        assert torch.allclose(losses.focal_loss(logits, cells, alpha=alpha, gamma=0),
+                              alpha * F.cross_entropy(logits, cells))
+        assert torch.allclose(losses.focal_loss(logits, background, alpha=alpha, gamma=0),
+                              (1 - alpha) * F.cross_entropy(logits, background))
+    # mixed: normalised by all sampled RoIs, each weighted by its own alpha_t
+    labels = torch.tensor([0, 0, 0, 2, 0, 1])
+    per = F.cross_entropy(logits, labels, reduction="none")
+    expected = (torch.where(labels > 0, 0.25, 0.75) * per).sum() / 6
+    assert torch.allclose(losses.focal_loss(logits, labels, alpha=0.25, gamma=0), expected)
 
 
 def test_ciou_zero_for_identical_boxes_and_matches_torchvision_on_decoded_boxes():
@@ -119,13 +132,27 @@ def test_each_preset_trains_a_step_then_predicts(demo_dir, preset):
     assert len(out["boxes"]) <= 20 and out["mask_probs"].shape[1:] == (1, 28, 28)
 
 
-def test_report_preset_configuration():
-    """report = focal classification, smooth-L1 and BCE weighed 0 unless LOSS_WEIGHTS says otherwise."""
+def test_report_presets_add_their_terms_as_the_report_composes_them():
+    """box = 0.5 x smooth-L1 + w x CIoU, mask = (BCE + Dice + 0.1 x boundary) / 3, classification =
+    2.5 x focal for report (cross-entropy x1 for ciou_dice_boundary); the RPN terms stay stock."""
     torch.manual_seed(0)
     model = build_model(dict(TINY, LOSSES="report"))
     assert model.roi_heads.loss_classification == "focal" and model.roi_heads.preset == "report"
-    assert losses.preset_weights("report")["loss_box_reg"] == 0.0
-    assert losses.preset_weights("report", {"loss_box_reg": 1})["loss_box_reg"] == 1.0
+    terms = {name: torch.tensor(float(i + 1)) for i, name in enumerate(losses.LOSS_TERMS)}
+    t = {k: float(v) for k, v in terms.items()}
+    w = losses.CIOU_WEIGHT
+    rpn = t["loss_objectness"] + t["loss_rpn_box_reg"]
+    box = 0.5 * t["loss_box_reg"] + w * t["loss_box_ciou"]
+    mask = (t["loss_mask"] + t["loss_dice"] + 0.1 * t["loss_boundary"]) / 3
+    assert float(losses.weighted_total(terms, losses.preset_weights("report"))) == pytest.approx(
+        2.5 * t["loss_classifier"] + box + mask + rpn)
+    assert float(losses.weighted_total(terms, losses.preset_weights("ciou_dice_boundary"))) == pytest.approx(
+        t["loss_classifier"] + box + mask + rpn)
+    assert float(losses.weighted_total(terms, losses.preset_weights("stock"))) == pytest.approx(
+        t["loss_classifier"] + t["loss_box_reg"] + t["loss_mask"] + rpn)
+    for preset in ("report", "ciou_dice_boundary"):  # additive: no stock term weighs 0
+        assert all(losses.preset_weights(preset)[k] > 0 for k in losses.PRESETS["stock"][1])
+    assert losses.preset_weights("report", {"loss_box_ciou": 5})["loss_box_ciou"] == 5.0
     with pytest.raises(ValueError, match="unknown loss terms"):
         losses.preset_weights("report", {"loss_focal": 1})
     with pytest.raises(ValueError, match="not a known preset"):

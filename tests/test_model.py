@@ -61,12 +61,45 @@ def test_images_are_normalised_exactly_once_with_the_backbone_stats():
     assert torch.allclose(batch.tensors[0, :, :96, :96], expected, atol=1e-5)
 
 
-def test_batchnorm_frozen_by_default_and_optional():
-    frozen = build_model(dict(TINY, FREEZE_BN=True, PRETRAINED_WEIGHTS="unused-path"), load_pretrained=False)
-    bns = [m for m in frozen.backbone.body.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert not bns and any(isinstance(m, FrozenBatchNorm2d) for m in frozen.backbone.body.modules())
-    live = build_model(dict(TINY, FREEZE_BN=False))
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in live.backbone.body.modules())
+def _bn_kinds(model):
+    mods = list(model.backbone.body.modules())
+    return (any(isinstance(m, FrozenBatchNorm2d) for m in mods),
+            any(isinstance(m, torch.nn.BatchNorm2d) for m in mods))
+
+
+def test_freeze_bn_auto_freezes_pretrained_and_keeps_a_random_backbone_live(tmp_path):
+    from safetensors.torch import save_file
+    from model import freeze_bn_setting
+    path = tmp_path / "weights.safetensors"
+    save_file(timm.create_model("test_resnet").state_dict(), str(path))
+    pretrained = dict(TINY, FREEZE_BN="auto", PRETRAINED_WEIGHTS=str(path))
+    assert _bn_kinds(build_model(pretrained)) == (True, False)
+    # the same architecture when a checkpoint is loaded over it (infer.py: load_pretrained=False)
+    assert _bn_kinds(build_model(pretrained, load_pretrained=False)) == (True, False)
+    scratch = dict(TINY, FREEZE_BN="auto", PRETRAINED=False, PRETRAINED_WEIGHTS="")
+    assert _bn_kinds(build_model(scratch)) == (False, True)
+    assert "random backbone" in freeze_bn_setting(scratch)[1] and "pretrained" in freeze_bn_setting(pretrained)[1]
+    # true/false force it; a configuration from before FREEZE_BN existed meant true (old checkpoints load)
+    assert _bn_kinds(build_model(dict(pretrained, FREEZE_BN=False))) == (False, True)
+    assert _bn_kinds(build_model(dict(scratch, FREEZE_BN="true"), load_pretrained=False)) == (True, False)
+    old = {k: v for k, v in scratch.items() if k != "FREEZE_BN"}
+    assert _bn_kinds(build_model(old, load_pretrained=False)) == (True, False)
+
+
+def test_live_batchnorm_on_a_random_backbone_learns():
+    """Frozen, timm's zero-initialised last BatchNorm of each residual block never moves: the blocks'
+    residual branches stay silent. Live (auto from scratch) its weight gets a gradient and moves."""
+    torch.manual_seed(0)
+    model = build_model(dict(TINY, FREEZE_BN="auto"))
+    last_bn = model.backbone.body.layer1[0].bn2
+    assert isinstance(last_bn, torch.nn.BatchNorm2d) and torch.all(last_bn.weight == 0)  # timm's zero init
+    model.train()
+    image = torch.rand(3, 96, 96)
+    target = {"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]), "labels": torch.tensor([1]),
+              "masks": torch.zeros(1, 96, 96, dtype=torch.uint8)}
+    target["masks"][0, 10:40, 10:40] = 1
+    sum(model([image], [target]).values()).backward()
+    assert last_bn.weight.grad is not None and last_bn.weight.grad.abs().sum() > 0
 
 
 def test_pretrained_download_failure_says_what_to_do():
@@ -84,3 +117,20 @@ def test_local_pretrained_weights_file_is_loaded(tmp_path):
     assert torch.equal(model.backbone.body.conv1[0].weight, source.conv1[0].weight)
     with pytest.raises(PretrainedWeightsError, match="does not exist"):
         build_model(dict(TINY, PRETRAINED_WEIGHTS=str(tmp_path / "missing.pth")))
+
+
+def test_training_defaults_follow_the_backbone_start_or_refuse(tmp_path):
+    import train
+    run = ["--run-dir", str(tmp_path / "r")]
+    cfg, _ = train.resolve_config(run + ["--pretrained", "false"])
+    assert cfg["FREEZE_BN"] == "auto" and cfg["LR"] == train.AUTO_LR["scratch"] == 2e-4
+    cfg, _ = train.resolve_config(run + ["--pretrained", "true"])
+    assert cfg["LR"] == train.AUTO_LR["pretrained"] == 5e-5
+    cfg, _ = train.resolve_config(run + ["--pretrained", "false", "--lr", "1e-3", "--freeze-bn", "false"])
+    assert cfg["LR"] == 1e-3 and cfg["FREEZE_BN"] is False
+    with pytest.raises(SystemExit, match="--freeze-bn auto"):
+        train.resolve_config(run + ["--pretrained", "false", "--freeze-bn", "true"])
+    with pytest.raises(SystemExit, match="auto, true or false"):
+        train.resolve_config(run + ["--freeze-bn", "sometimes"])
+    with pytest.raises(SystemExit, match="a number or auto"):
+        train.resolve_config(run + ["--lr", "fast"])

@@ -1,8 +1,10 @@
 import json
+import math
 
 import pytest
 import torch
 
+import evaluate
 import infer
 import train
 from conftest import SIZING, TINY, tiny_args
@@ -17,9 +19,9 @@ def test_short_overfit_raises_ap50(demo_dir):
     data = CellDataset(demo_dir, ids, train=False)  # own size: scored as at test time
     sized = CellDataset(demo_dir, ids, train=False, sizing=SIZING)
     model = build_model(TINY, detections_per_image=100)
-    gt = infer.val_ground_truth(data)
+    gt = evaluate.val_ground_truth(data)
     opts = infer.predict_options(TINY, detections_per_image=100)
-    start, _ = infer.evaluate(model, data, "cpu", opts, coco_gt=gt)
+    start, _ = evaluate.evaluate(model, data, "cpu", opts, coco_gt=gt)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     batch = collate([sized[0], sized[1]])
     for step in range(80):
@@ -28,7 +30,7 @@ def test_short_overfit_raises_ap50(demo_dir):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    end, _ = infer.evaluate(model, data, "cpu", opts, coco_gt=gt)
+    end, _ = evaluate.evaluate(model, data, "cpu", opts, coco_gt=gt)
     print(f"AP50 before {start['ap50']:.3f} after {end['ap50']:.3f}")
     assert start["ap50"] < 0.05
     assert end["ap50"] > start["ap50"] + 0.3
@@ -56,6 +58,9 @@ def test_training_writes_the_run_folder(trained_run):
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert cfg.pop("amp_dtype") == "float32" and "CPU" in cfg.pop("amp_why")  # the precision it trained in, and why
     assert ckpt["config"] == cfg and ckpt["epoch"] == 2 and ckpt["val_ids"] == split["val"]
+    # 2 val images < MIN_VAL_IMAGES: their AP50 is logged but picks nothing; best.pt is the latest weights
+    assert all(0.0 <= h["val_ap50"] <= 1.0 for h in ckpt["state"]["history"]) and ckpt["state"]["best_ap50"] == -math.inf
+    assert load_checkpoint(run_dir / "best.pt")["epoch"] == 2
 
 
 def test_checkpoint_alone_rebuilds_the_same_model(trained_run, demo_dir):

@@ -1,6 +1,4 @@
 """The full-size recipe (SE-ResNeXt101 backbone, FPN 256, 512 RoIs, report losses) on the real course sample."""
-import warnings
-
 import torch
 
 import infer
@@ -16,9 +14,7 @@ def test_recipe_trains_a_step_and_predicts_in_tiles_on_the_real_sample(sample_di
     cfg = dict(RECIPE, PRETRAINED=False, MIN_SIZE=320, MAX_SIZE=400, LOSSES="report", SCALE=0.0)  # small input: CPU
     assert cfg["BACKBONE"] == "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"
     torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # FREEZE_BN on random weights: fine for a smoke test
-        model = build_model(cfg, load_pretrained=False, detections_per_image=100)
+    model = build_model(cfg, load_pretrained=False, detections_per_image=100)  # FREEZE_BN auto: live BN
     image, target = CellDataset(sample_dir, ["course-sample"], sizing=(320, 400, 0.0))[0]
     assert max(image.shape[-2:]) <= 400 and len(target["labels"]) == 161
     model.train()

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 import train
-from utils import apply_overrides, coco_evaluate, coco_ground_truth, decode_mask, encode_mask
+from evaluate import coco_evaluate, coco_ground_truth
+from utils import apply_overrides, decode_mask, encode_mask
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (64, 33)])
@@ -47,7 +48,7 @@ def test_coco_evaluate_perfect_and_empty():
 
 
 def test_matching_accuracy_counts_tp_fp_fn():
-    from utils import matching_accuracy
+    from evaluate import matching_accuracy
     a = np.zeros((20, 20), np.uint8)
     a[2:8, 2:8] = 1
     b = np.zeros((20, 20), np.uint8)
