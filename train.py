@@ -206,6 +206,15 @@ def all_ranks_agree(flag, device):
     return bool(t.item())
 
 
+def max_over_ranks(value, device):
+    """The largest of the processes' values (a plain run: its own)."""
+    if not distributed():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def mean_over_ranks(stats, steps, device):
     """Per-term training means weighted by each process's step count: the figures of the whole epoch."""
     if not distributed():
@@ -385,7 +394,7 @@ def plot_curves(history, path):
     import matplotlib.pyplot as plt
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax.plot(epochs, [h.get("train_loss", math.nan) for h in history], "o-", label="train loss")  # none: no step ran
     ax.plot(epochs, [h["val_loss"] for h in history], "s-", label="val loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
@@ -526,7 +535,8 @@ def train(cfg, ckpt, rank, world, device):
         deadline = t0 + budget - state.get("train_seconds", 0.0) if budget > 0 else None
         train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state, weights,
                                                scaler, dtype, deadline)
-        state["train_seconds"] = state.get("train_seconds", 0.0) + time.time() - t0
+        # every process adds the same (slowest) figure, so all agree on the budget and stop together
+        state["train_seconds"] = state.get("train_seconds", 0.0) + max_over_ranks(time.time() - t0, device)
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}

@@ -225,3 +225,13 @@ def test_a_rank_that_fails_in_validation_stops_the_other_at_once(demo_dir, tmp_p
     assert "rank 0 failed while validating (RuntimeError: validation blew up); rank 1 stops too" in out, out[-3000:]
     assert "validation blew up" in out
     assert elapsed < 120, elapsed  # seconds, not the process group's two-hour timeout
+
+
+def test_an_epoch_in_which_no_step_ran_still_plots(tmp_path):
+    """A time budget can end an epoch before its first step (or every step is skipped): no train loss."""
+    nan = float("nan")
+    history = [{"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_ap50": 0.1},
+               {"epoch": 2, "val_loss": nan, "val_ap50": nan}]
+    train.plot_curves(history, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert train.max_over_ranks(3.5, torch.device("cpu")) == 3.5  # a plain run: its own figure
