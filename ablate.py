@@ -216,6 +216,14 @@ def main(argv=None):
     infer_grid = list(itertools.product(*[[(n, v) for v in vs] for n, vs in infer_axes]))
     total = len(train_grid) + bool(args.peer)
     out.mkdir(parents=True, exist_ok=True)
+    settings = {"data_dir": str(data_dir), "minutes": args.minutes, "shared": shared}
+    if (out / "ablate.json").is_file():  # a rerun continues the same grid: its runs must share one setting
+        before = json.loads((out / "ablate.json").read_text())
+        if before != settings:
+            raise SystemExit(f"{out} holds runs made with other settings ({before}); their scores would be reused "
+                             f"under the new ones ({settings}): use another --out, or the same flags")
+    else:
+        save_json(settings, out / "ablate.json")
     t_start = time.time()
     rows = []
     for i, assignment in enumerate(train_grid, start=1):
