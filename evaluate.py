@@ -16,10 +16,7 @@ from pycocotools.cocoeval import COCOeval
 import infer
 import utils
 from dataset import CellDataset
-from infer import in_order_loader, raw_predictions, to_records
 from utils import NUM_CLASSES, _bytes_rle
-
-MASK_THRESHOLD = 0.5           # mask probability above which a pixel is foreground (train.py/infer.py pass theirs)
 
 
 def coco_ground_truth(images):
@@ -126,15 +123,15 @@ def val_ground_truth(dataset):
 
 def val_predictions(model, dataset, device, opts, num_workers=0):
     """raw_predictions of a CellDataset at its own image size (sizing None); image ids = dataset indices."""
-    return raw_predictions(model, in_order_loader(dataset, num_workers), device, opts, lambda t: t["image_id"],
-                           "validate")
+    return infer.raw_predictions(model, infer.in_order_loader(dataset, num_workers), device, opts,
+                                 lambda t: t["image_id"], "validate")
 
 
-def evaluate(model, dataset, device, opts, mask_threshold=MASK_THRESHOLD, coco_gt=None, num_workers=0):
+def evaluate(model, dataset, device, opts, mask_threshold=infer.MASK_THRESHOLD, coco_gt=None, num_workers=0):
     """Leaderboard-style segm AP50 (maxDets 100) and AP@[.5:.95] on a CellDataset at its own image
     size (sizing None): the model input is sized, tiled and augmented as at test time."""
     coco_gt = coco_gt if coco_gt is not None else val_ground_truth(dataset)
-    results = to_records(val_predictions(model, dataset, device, opts, num_workers), mask_threshold)
+    results = infer.to_records(val_predictions(model, dataset, device, opts, num_workers), mask_threshold)
     return coco_evaluate(coco_gt, results, max_dets=100), results
 
 
@@ -147,7 +144,7 @@ def sweep(raw, coco_gt, mask_thresholds=SWEEP_MASK_THRESHOLDS, score_thresholds=
     {(mask_threshold, score_threshold): ap50}."""
     table = {}
     for mt in mask_thresholds:
-        records = to_records(raw, mt)
+        records = infer.to_records(raw, mt)
         for st in score_thresholds:
             table[(mt, st)] = coco_evaluate(coco_gt, [r for r in records if r["score"] >= st], max_dets=100)["ap50"]
     return table
@@ -183,7 +180,7 @@ def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
     dataset = CellDataset(data_dir, ckpt["val_ids"], train=False)
     coco_gt = val_ground_truth(dataset)
     raw = val_predictions(model, dataset, device, opts, cfg["NUM_WORKERS"])
-    results = to_records(raw, cfg["MASK_THRESHOLD"])
+    results = infer.to_records(raw, cfg["MASK_THRESHOLD"])
     metrics = coco_evaluate(coco_gt, results, max_dets=100)
     metrics["ap50_maxdets1000"] = coco_evaluate(coco_gt, results, max_dets=1000)["ap50"]
     metrics.update(matching_accuracy(coco_gt, results))

@@ -314,8 +314,6 @@ def to_records(raw, mask_threshold):
     return [r for image_id, size, out in raw for r in to_results(out, image_id, mask_threshold, size)]
 
 
-
-
 def in_order_loader(dataset, num_workers=0):
     """One image at a time, in the dataset's order (validation and test)."""
     return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate,
@@ -418,7 +416,7 @@ def write_submission(results, table, path):
 
 
 def main(argv=None):
-    ns = {k: v for k, v in globals().items() if k.isupper() and not k.startswith(("SWEEP_", "CLASS_"))}
+    ns = {k: v for k, v in globals().items() if k.isupper() and not k.startswith("CLASS_")}
     cfg, _ = apply_overrides(ns, argv, description=__doc__)
     device = pick_device(cfg["DEVICE"])
     checkpoint = cfg["CHECKPOINT"] or newest_checkpoint()
