@@ -54,9 +54,10 @@ def focal_loss(logits, labels, alpha=FOCAL_ALPHA, gamma=FOCAL_GAMMA):
     Per RoI: -alpha_t * (1 - p_t)^gamma * log p_t, with p_t the softmax probability of its label.
     Background is class 0 of the softmax, a class like the others: an easy background RoI
     (p_t near 1) is down-weighted by (1 - p_t)^gamma exactly as an easy cell is. alpha_t as Lin et
-    al.: alpha for cell RoIs, 1 - alpha for background RoIs (0.25 : 0.75 = 1:3, the ratio of cell
-    to background RoIs that torchvision's sampler aims at, 128:384 of 512). gamma = 0 and alpha =
-    0.5 is half the cross-entropy.
+    al.: alpha for cell RoIs, 1 - alpha for background RoIs. 0.25 and gamma 2 are RetinaNet's values,
+    tuned together; alpha does not balance the counts: with the sampler's 1:3 cell-to-background RoIs
+    (128:384 of 512) it weighs cells less still (about 1:9 in all), while gamma takes the easy
+    background out. gamma = 0 and alpha = 0.5 is half the cross-entropy.
 
     Normalisation: the sum over RoIs divided by the number of sampled RoIs (cells and background),
     the mean that torchvision's cross-entropy takes, so the term keeps its scale when the number of

@@ -93,6 +93,7 @@ def resolve_config(argv=None):
     ns = {k: v for k, v in globals().items() if k.isupper() and k not in ("DEMO_SETTINGS", "METRIC_FIELDS",
                                                                          "MAX_SKIPPED_STEPS", "AUTO_LR")}
     cfg, given = apply_overrides(ns, argv, description=__doc__)
+    on_command_line = set(given)
     ckpt = None
     if cfg["RESUME"] and cfg["RUN_DIR"]:  # a resumed run keeps its configuration, but for what is given now
         ckpt = load_checkpoint(Path(cfg["RUN_DIR"]) / "last.pt")
@@ -100,7 +101,7 @@ def resolve_config(argv=None):
         given = set(ckpt["config"]) | given
     if cfg["DEMO"]:
         cfg.update({k: v for k, v in DEMO_SETTINGS.items() if k not in given})
-    resolve_training_defaults(cfg, fresh=ckpt is None)
+    resolve_training_defaults(cfg, fresh=ckpt is None, forced_now="FREEZE_BN" in on_command_line)
     if cfg["LOSSES"] not in losses.PRESETS:
         raise SystemExit(f"--losses {cfg['LOSSES']!r} is not a preset; choose one of {', '.join(losses.PRESETS)}")
     if not cfg["RUN_DIR"]:
@@ -110,9 +111,10 @@ def resolve_config(argv=None):
     return cfg, ckpt
 
 
-def resolve_training_defaults(cfg, fresh=True):
+def resolve_training_defaults(cfg, fresh=True, forced_now=False):
     """FREEZE_BN and LR as the run will use them (in place): 'auto' follows whether the backbone starts
-    from pretrained weights. A new run that would freeze a random backbone's BatchNorm is refused."""
+    from pretrained weights. A new run that would freeze a random backbone's BatchNorm is refused, and so
+    is resuming one (the old FREEZE_BN default did it) unless --freeze-bn is given now."""
     try:
         cfg["FREEZE_BN"] = parse_freeze_bn(cfg["FREEZE_BN"])
     except ValueError as e:
@@ -123,6 +125,11 @@ def resolve_training_defaults(cfg, fresh=True):
                          "--pretrained-weights) would fix BatchNorm at its initial values for ever, and timm "
                          "zero-initialises the last BatchNorm of every residual block: every residual branch "
                          "would output zero. Use --freeze-bn auto (or false) to train from scratch.")
+    if not fresh and cfg["FREEZE_BN"] is True and not pretrained and not forced_now:
+        raise SystemExit("this run froze the BatchNorm of a randomly initialised backbone (the old FREEZE_BN "
+                         "default), which keeps every residual branch of timm's backbone at zero. Continue it "
+                         "with --freeze-bn false (live BatchNorm from here on; the weights load either way), "
+                         "or with --freeze-bn true to keep it as it was.")
     if str(cfg["LR"]).strip().lower() == "auto":
         cfg["LR"] = AUTO_LR["pretrained" if pretrained else "scratch"]
     else:
@@ -496,7 +503,9 @@ def train(cfg, ckpt, rank, world, device):
         for note in restore_rng(ckpt, generator, rank, world, device, cfg["SEED"] + 1000 * state["epoch"]):
             print(f"rank {rank}: resume: {note}")
         del ckpt
-        log(f"resumed {run_dir} after epoch {state['epoch']} (best val AP50 {state['best_ap50']:.4f})")
+        best = state["best_ap50"]
+        log(f"resumed {run_dir} after epoch {state['epoch']} (best val AP50 "
+            + (f"{best:.4f})" if best > -math.inf else "n/a: no val AP50 has picked a checkpoint yet)"))
     if rank == 0:  # config.json: the run's constants and, for this session, the precision it trains in
         run_dir.mkdir(parents=True, exist_ok=True)
         save_json({**cfg, "amp_dtype": str(dtype).replace("torch.", "") if dtype else "float32", "amp_why": amp_why},
