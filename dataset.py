@@ -420,7 +420,8 @@ def synth_image(rng, height, width, density=0.55):
 
 def make_demo_data(root, n_train=40, n_test=8, size_range=(96, 176), seed=0):
     """Write a synthetic dataset in the exact HW3 layout under `root` (RGBA LZW image.tif, float64
-    class files present only where the class occurs, test_release/ and the id table)."""
+    class files present only where the class occurs, test_release/ and the id table), and the test
+    images' ground truth as test_gt_coco.json (what ablate.py scores against)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     for n in range(n_train):
@@ -436,14 +437,18 @@ def make_demo_data(root, n_train=40, n_test=8, size_range=(96, 176), seed=0):
                 lab = np.where(np.isin(owner, ids_k), owner, 0).astype(np.float64)
                 tifffile.imwrite(folder / f"class{k}.tif", lab)
     (root / "test_release").mkdir(parents=True, exist_ok=True)
-    table = []
+    table, truth = [], []
     for n in range(n_test):
         h, w = (int(v) for v in rng.integers(size_range[0], size_range[1] + 1, 2))
-        rgb, _, _ = synth_image(rng, h, w)
+        rgb, owner, classes = synth_image(rng, h, w)
+        truth.append({"id": n + 1, "height": h, "width": w, "labels": list(classes.values()),
+                      "masks": [owner == i for i in classes]})
         name = f"{uuid.UUID(int=int(rng.integers(0, 2**63)), version=4)}.tif"
         rgba = np.dstack([rgb, np.full((h, w), 255, np.uint8)])
         tifffile.imwrite(root / "test_release" / name, rgba, compression="lzw", photometric="rgb",
                          extrasamples=["unassalpha"])
         table.append({"file_name": name, "id": n + 1, "height": h, "width": w})
     (root / "test_image_name_to_ids.json").write_text(json.dumps(table, indent=1))
+    from evaluate import coco_ground_truth  # here, not at the top: evaluate imports this module
+    (root / "test_gt_coco.json").write_text(json.dumps(coco_ground_truth(truth).dataset))
     return root

@@ -135,3 +135,18 @@ def test_course_material_is_in_the_repo_and_geometry_reads_both_segmentation_for
     parsed = hw3real.load_geometry(path)["annotations"][0]
     assert isinstance(parsed["segmentation"], dict) and (hw3real.decode(parsed) == truth).all()
     assert truth.sum() == ann["area"]
+
+
+def test_demo_data_carries_the_ground_truth_of_its_test_images(demo_dir):
+    """ablate.py scores the demo's test images: make_demo_data writes their COCO ground truth."""
+    import evaluate
+    from dataset import read_test_table
+    gt = evaluate.test_ground_truth(demo_dir)
+    table = read_test_table(demo_dir)
+    assert sorted(gt.getImgIds()) == [r["id"] for r in table]
+    for r in table:
+        im = gt.loadImgs(r["id"])[0]
+        assert (im["height"], im["width"]) == (r["height"], r["width"])
+    anns = gt.loadAnns(gt.getAnnIds())
+    assert anns and {a["category_id"] for a in anns} <= {1, 2, 3, 4}
+    assert all(a["area"] >= 12 for a in anns)  # whole cells (slivers under 12 px are dropped when drawn)
