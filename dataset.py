@@ -135,16 +135,24 @@ def instances_from_labels(label_maps):
 
 # ----------------------------------------------------------------------------------------------
 # datasets
-def train_augmentation():
-    """Flips, 90-degree and small free rotations (nearest-neighbour for the label maps), to-gray."""
-    return A.Compose([
+def train_augmentation(stain=0.0):
+    """Flips, 90-degree and small free rotations (nearest-neighbour for the label maps), to-gray; with
+    stain > 0 also, with that probability, an H&E stain jitter (albumentations' HEStain: a random
+    reference stain matrix, stain intensities scaled and shifted) and a brightness/contrast change.
+    Pixel-level only: the label maps are never touched by it."""
+    steps = [
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
         A.RandomRotate90(p=0.5),
         A.Rotate(limit=30, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
                  border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.3),
         A.ToGray(p=0.1),
-    ])
+    ]
+    if stain > 0:  # absent (not p=0) when off, so the augmentation stream of other runs is unchanged
+        steps.insert(4, A.Sequential([A.HEStain(method="random_preset", p=1.0),
+                                      A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=1.0)],
+                                     p=stain))
+    return A.Compose(steps)
 
 
 def list_train_ids(data_dir):
@@ -243,14 +251,19 @@ class CellDataset(torch.utils.data.Dataset):
     longer side pass max_size, training takes a random crop of max_size / scale image pixels a
     side instead (validation shrinks the image to fit). sizing None: the image's own size
     (validation ground truth and inference, which resize on their own).
+
+    jitter (lo, hi) (SCALE_JITTER, training only): the sizing rule's factor times a random factor in
+    [lo, hi]; where that input would pass max_size, a random window that fits is cropped first, as for
+    a fixed scale. stain (STAIN_AUG): probability of the stain jitter of train_augmentation.
     """
 
-    def __init__(self, data_dir, ids, train=False, sizing=None):
+    def __init__(self, data_dir, ids, train=False, sizing=None, jitter=(1.0, 1.0), stain=0.0):
         self.dir = Path(data_dir) / "train"
         self.ids = list(ids)
         self.train = train
-        self.augment = train_augmentation() if train else None
+        self.augment = train_augmentation(stain) if train else None
         self.sizing = sizing
+        self.jitter = check_jitter(jitter)
 
     def __len__(self):
         return len(self.ids)
@@ -266,10 +279,14 @@ class CellDataset(torch.utils.data.Dataset):
         if self.sizing is not None:
             min_size, max_size, scale = self.sizing
             h, w = image.shape[:2]
-            if self.train and scale > 0 and max(h, w) * scale > max_size:
-                y0, y1, x0, x1 = random_crop_window(h, w, int(max_size / scale))
-                image, labels = image[y0:y1, x0:x1], labels[y0:y1, x0:x1]
-            factor = resize_factor(*image.shape[:2], min_size, max_size, scale)
+            factor = resize_factor(h, w, min_size, max_size, scale, cap=not self.train)
+            if self.train:
+                if self.jitter != (1.0, 1.0):  # scale jitter: a random factor on top of the sizing rule's
+                    factor *= float(torch.empty(()).uniform_(*self.jitter))
+                if max(h, w) * factor > max_size * (1 + 1e-6):  # a random window that fits MAX_SIZE at this factor
+                    y0, y1, x0, x1 = random_crop_window(h, w, int(max_size / factor))
+                    image, labels = image[y0:y1, x0:x1], labels[y0:y1, x0:x1]
+                factor = min(factor, max_size / max(image.shape[:2]))
         if self.augment is not None:
             # albumentations keeps its own RNG: seed it from torch's, which train.py seeds (and which
             # DataLoader seeds per worker), so augmentation is reproducible and resumable
@@ -282,6 +299,17 @@ class CellDataset(torch.utils.data.Dataset):
         target = {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(classes),
                   "masks": torch.from_numpy(masks), "image_id": index}
         return image, target
+
+
+def check_jitter(jitter):
+    """SCALE_JITTER [lo, hi] as a (lo, hi) pair of floats with 0 < lo <= hi; [1, 1] is off."""
+    try:
+        lo, hi = (float(v) for v in jitter)
+    except (TypeError, ValueError):
+        raise ValueError(f"SCALE_JITTER {jitter!r}: give [lo, hi], e.g. [0.5, 2.0] ([1, 1] = off)") from None
+    if not 0 < lo <= hi:
+        raise ValueError(f"SCALE_JITTER {jitter!r}: needs 0 < lo <= hi ([1, 1] = off)")
+    return lo, hi
 
 
 def to_tensor(image):

@@ -76,7 +76,7 @@ def load_model(checkpoint, device, score_threshold=SCORE_THRESHOLD, nms_threshol
     """Rebuild the trained model from a checkpoint alone. Returns (model in eval mode, checkpoint)."""
     ckpt = load_checkpoint(checkpoint)
     model = build_model(ckpt["config"], load_pretrained=False)
-    load_weights(model, ckpt, checkpoint)
+    load_weights(model, ckpt, checkpoint, averaged=True)  # a run with EMA: its averaged weights
     set_inference_params(model, score_threshold, nms_threshold, detections_per_image)
     return model.to(device).eval(), ckpt
 

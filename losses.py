@@ -138,6 +138,44 @@ def project_masks_on_boxes(gt_masks, boxes, matched_idxs, M):
     return torch.stack(targets)
 
 
+def box_losses(class_logits, deltas, labels, regression_targets, proposals, box_coder, classification="ce",
+               ciou=True):
+    """The box head's terms over one batch of sampled RoIs: loss_classifier, loss_box_reg and (ciou=True)
+    loss_box_ciou. class_logits (N, C) and labels (N,) of every sampled RoI; deltas, regression_targets and
+    proposals (P, 4) of the P positive ones (deltas of the ground-truth class, or class-agnostic).
+    classification: 'ce' or 'focal'. The box terms are summed over positives and divided by all N sampled
+    RoIs, like torchvision's smooth-L1 (and detectron2's GIoU); shared by the standard and the cascade heads."""
+    n = max(labels.numel(), 1)
+    out = {"loss_classifier": focal_loss(class_logits, labels) if classification == "focal"
+           else F.cross_entropy(class_logits, labels),
+           "loss_box_reg": F.smooth_l1_loss(deltas, regression_targets, beta=1 / 9, reduction="sum") / n}
+    if ciou:  # CIoU on boxes: the predicted deltas and the targets (= the matched cells) decoded against the
+        # same proposals
+        pred_boxes = box_coder.decode_single(deltas, proposals)
+        gt_boxes = box_coder.decode_single(regression_targets, proposals)
+        out["loss_box_ciou"] = complete_box_iou_loss(pred_boxes, gt_boxes, reduction="sum") / n
+    return out
+
+
+def mask_losses(mask_logits, mask_proposals, gt_masks, gt_labels, mask_matched_idxs, extra_terms=True):
+    """The mask head's terms: loss_mask (BCE on 28x28 targets, torchvision's) and, with extra_terms, loss_dice
+    and loss_boundary, on the logits of each positive RoI's ground-truth class. Arguments as torchvision's
+    maskrcnn_loss (per image lists); targets come from the lean project_masks_on_boxes."""
+    size = mask_logits.shape[-1]
+    labels = torch.cat([lab[i] for lab, i in zip(gt_labels, mask_matched_idxs)], 0)
+    mask_targets = torch.cat([project_masks_on_boxes(m, p, i, size)
+                              for m, p, i in zip(gt_masks, mask_proposals, mask_matched_idxs)], 0)
+    if mask_targets.numel() == 0:
+        zero = mask_logits.sum() * 0
+        return {"loss_mask": zero, **({"loss_dice": zero, "loss_boundary": zero} if extra_terms else {})}
+    logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
+    out = {"loss_mask": F.binary_cross_entropy_with_logits(logits, mask_targets)}
+    if extra_terms:
+        out["loss_dice"] = dice_loss(logits, mask_targets)
+        out["loss_boundary"] = boundary_loss(logits, mask_targets)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # the plug-in
 class LossRoIHeads(RoIHeads):
@@ -165,36 +203,17 @@ class LossRoIHeads(RoIHeads):
 
         def fastrcnn_loss(class_logits, box_regression, labels, regression_targets):
             labels = torch.cat(labels, 0)
-            regression_targets = torch.cat(regression_targets, 0)
-            proposals = torch.cat(sampled["proposals"], 0)
-            if classification == "focal":
-                loss_cls = focal_loss(class_logits, labels)
-            else:
-                loss_cls = F.cross_entropy(class_logits, labels)
             pos = torch.where(labels > 0)[0]
-            deltas = box_regression.reshape(len(labels), -1, 4)[pos, labels[pos]]
-            smooth_l1 = F.smooth_l1_loss(deltas, regression_targets[pos], beta=1 / 9, reduction="sum") / labels.numel()
-            # CIoU on boxes: decode the predicted deltas of the ground-truth class and the
-            # regression targets (= the matched ground-truth boxes) against the same proposals.
-            pred_boxes = box_coder.decode_single(deltas, proposals[pos])
-            gt_boxes = box_coder.decode_single(regression_targets[pos], proposals[pos])
-            # normalised by all sampled RoIs, like torchvision's smooth-L1 and detectron2's GIoU
-            extra["loss_box_ciou"] = complete_box_iou_loss(pred_boxes, gt_boxes, reduction="sum") / labels.numel()
-            return loss_cls, smooth_l1
+            deltas = box_regression.reshape(len(labels), -1, 4)[pos, labels[pos]]  # the ground-truth class's
+            terms = box_losses(class_logits, deltas, labels, torch.cat(regression_targets, 0)[pos],
+                               torch.cat(sampled["proposals"], 0)[pos], box_coder, classification)
+            extra["loss_box_ciou"] = terms["loss_box_ciou"]
+            return terms["loss_classifier"], terms["loss_box_reg"]
 
         def maskrcnn_loss(mask_logits, mask_proposals, gt_masks, gt_labels, mask_matched_idxs):
-            size = mask_logits.shape[-1]
-            labels = torch.cat([lab[i] for lab, i in zip(gt_labels, mask_matched_idxs)], 0)
-            mask_targets = torch.cat([project_masks_on_boxes(m, p, i, size)
-                                      for m, p, i in zip(gt_masks, mask_proposals, mask_matched_idxs)], 0)
-            if mask_targets.numel() == 0:
-                zero = mask_logits.sum() * 0
-                extra["loss_dice"] = extra["loss_boundary"] = zero
-                return zero
-            logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
-            extra["loss_dice"] = dice_loss(logits, mask_targets)
-            extra["loss_boundary"] = boundary_loss(logits, mask_targets)
-            return F.binary_cross_entropy_with_logits(logits, mask_targets)
+            terms = mask_losses(mask_logits, mask_proposals, gt_masks, gt_labels, mask_matched_idxs, extra_terms=True)
+            extra["loss_dice"], extra["loss_boundary"] = terms["loss_dice"], terms["loss_boundary"]
+            return terms["loss_mask"]
 
         with _patched(tv_roi_heads, fastrcnn_loss=fastrcnn_loss, maskrcnn_loss=maskrcnn_loss), \
                 _patched(self, select_training_samples=select_training_samples):
@@ -228,7 +247,8 @@ def configure_losses(model, preset="stock"):
     """Install the preset's losses in a torchvision MaskRCNN (stock: torchvision's own heads)."""
     if preset not in PRESETS:
         raise ValueError(f"LOSSES={preset!r} is not a known preset; choose one of {', '.join(PRESETS)}")
-    model.roi_heads.__class__ = LossRoIHeads
+    if not isinstance(model.roi_heads, LossRoIHeads):  # the cascade heads (cascade.py) are LossRoIHeads already
+        model.roi_heads.__class__ = LossRoIHeads
     model.roi_heads.preset = preset
     model.roi_heads.loss_classification = PRESETS[preset][0]
     return model

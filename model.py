@@ -11,9 +11,11 @@ from pathlib import Path
 import timm
 import torch
 from torch import nn
-from torchvision.models.detection import MaskRCNN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
+from torchvision.models import resnet50
+from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_V2_Weights
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -21,12 +23,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from cascade import CascadeRoIHeads
 from losses import configure_losses
 from utils import NUM_CLASSES, CheckpointError
 
 ANCHOR_SIZES = ((4, 8), (16, 32), (32, 64), (64, 128), (128, 256))  # one pair per FPN level P2..P6
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 FPN_CHANNELS = 256
+HEADS = ("standard", "cascade")  # HEADS: torchvision's box head, or Cascade R-CNN's three stages (cascade.py)
 
 
 def freeze_batchnorm(module):
@@ -225,20 +229,121 @@ class ChunkedMatcher(Matcher):
         return matches
 
 
+# ---- COCO-pretrained start: torchvision's Mask R-CNN v2, taken whole ---------------------------
+# BACKBONE = COCO_MODEL builds the architecture of torchvision's maskrcnn_resnet50_fpn_v2 (ResNet-50 +
+# FPN, two-conv RPN head, 4-conv + FC box head, 4-conv mask head, BatchNorm throughout) and starts it
+# from its COCO weights; anchors, RoIAlign, classes, thresholds and losses are build_model's, as for timm.
+COCO_MODEL = "torchvision/maskrcnn_resnet50_fpn_v2"
+CLASS_LAYERS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")  # COCO's 91 classes: fresh
+ANCHOR_LAYERS = ("rpn.head.cls_logits.", "rpn.head.bbox_pred.")  # fresh where the anchors per position differ
+
+
+def coco_parts(cfg, num_anchors):
+    """(backbone, MaskRCNN head arguments) of maskrcnn_resnet50_fpn_v2, random and with live BatchNorm.
+    Every layer trains: torchvision's builder with weights trains only the last 3 backbone stages, we
+    train all, like the timm path."""
+    if cfg.get("FPN_CHANNELS", FPN_CHANNELS) != FPN_CHANNELS:
+        raise ValueError(f"{COCO_MODEL} has {FPN_CHANNELS} FPN channels, not FPN_CHANNELS={cfg['FPN_CHANNELS']}")
+    backbone = BackboneWithFPN(resnet50(), {f"layer{i + 1}": str(i) for i in range(4)}, [256, 512, 1024, 2048],
+                               FPN_CHANNELS, extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
+    c = backbone.out_channels
+    return backbone, dict(rpn_head=RPNHead(c, num_anchors, conv_depth=2),
+                          box_head=FastRCNNConvFCHead((c, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d),
+                          mask_head=MaskRCNNHeads(c, [256] * 4, 1, norm_layer=nn.BatchNorm2d))
+
+
+def coco_state_dict(cfg):
+    """(state_dict, where from): PRETRAINED_WEIGHTS (a local .pth) wins over torchvision's hub. A failure
+    stops with advice and never falls back to random weights."""
+    if cfg.get("PRETRAINED_WEIGHTS"):
+        path = Path(cfg["PRETRAINED_WEIGHTS"])
+        if not path.is_file():
+            raise PretrainedWeightsError(f"PRETRAINED_WEIGHTS file {path} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise PretrainedWeightsError(f"PRETRAINED_WEIGHTS {path} is unreadable as a torch .pth: {e}") from e
+        if isinstance(state, dict) and isinstance(state.get("model"), dict):
+            state = state["model"]  # a training checkpoint such as torchvision's reference scripts write
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise PretrainedWeightsError(f"PRETRAINED_WEIGHTS {path} holds no state_dict (nor {{'model': state_dict}})")
+        return state, str(path)
+    weights = MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1
+    try:
+        return weights.get_state_dict(progress=False, check_hash=True), weights.url
+    except Exception as e:
+        raise PretrainedWeightsError(
+            f"could not download torchvision's COCO weights for {COCO_MODEL} ({type(e).__name__}: {e}). "
+            f"Without internet, download {weights.url} on a connected machine and set PRETRAINED_WEIGHTS "
+            "(--pretrained-weights path/to/that.pth), or train from scratch with --pretrained false."
+        ) from e
+
+
+def load_coco_weights(model, state, source):
+    """Load every tensor of the file whose name and shape our model shares, except the class layers
+    (left at their fresh init); the RPN's per-anchor layers load only where their shapes agree. Any
+    other key of the file or of the model that does not fit means a wrong file: refused, nothing loaded.
+    Returns the summary for the run log."""
+    own = model.state_dict()
+    # BatchNorm's batch counters only matter with momentum=None; a frozen-BatchNorm model saves none
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    take, reset, wrong = {}, [], []
+    for k, v in state.items():
+        if k not in own:
+            continue
+        if k.startswith(CLASS_LAYERS) or (k.startswith(ANCHOR_LAYERS) and v.shape != own[k].shape):
+            reset.append(k)
+        elif v.shape == own[k].shape:
+            take[k] = v
+        else:
+            wrong.append(f"{k} {tuple(v.shape)} (ours {tuple(own[k].shape)})")
+    if missing or unexpected or wrong:
+        problems = [f"{what} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" for what, keys
+                    in (("missing", missing), ("unexpected", unexpected), ("other shape", wrong)) if keys]
+        raise PretrainedWeightsError(f"{source} does not hold {COCO_MODEL}'s weights (keys {'; '.join(problems)})")
+    model.load_state_dict(take, strict=False)
+    classes = [s["roi_heads.box_predictor.cls_score.weight"].shape[0] for s in (own, state)]
+    anchors = [s["rpn.head.cls_logits.weight"].shape[0] for s in (own, state)]
+    fresh = [f"roi_heads.box_predictor ({classes[0]} classes, file has {classes[1]})",
+             "roi_heads.mask_predictor.mask_fcn_logits"]
+    if any(k.startswith(ANCHOR_LAYERS) for k in reset):
+        fresh.append(f"rpn.head.cls_logits/bbox_pred ({anchors[0]} anchors per position, file has {anchors[1]})")
+    return f"loaded {len(take)} tensors from {source}; re-initialised: {', '.join(fresh)}"
+
+
+def start_coco_model(model, cfg, load_pretrained):
+    """The COCO model's weights (PRETRAINED / PRETRAINED_WEIGHTS), then FREEZE_BN on the ResNet body only,
+    where torchvision's v1 builder puts FrozenBatchNorm2d: the FPN and head BatchNorms stay live (the heads
+    see hundreds of RoIs a step). load_pretrained=False (a checkpoint follows) loads nothing."""
+    model.pretrained_report = None
+    if load_pretrained and (cfg.get("PRETRAINED") or cfg.get("PRETRAINED_WEIGHTS")):
+        model.pretrained_report = load_coco_weights(model, *coco_state_dict(cfg))
+        print(f"{COCO_MODEL}: {model.pretrained_report}")
+    if freeze_bn_setting(cfg)[0]:
+        model.backbone.body = freeze_batchnorm(model.backbone.body)
+    return model
+
+
 def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0.5, detections_per_image=1000):
     """MaskRCNN from a run configuration (the UPPER_CASE constants of train.py).
 
     load_pretrained=False builds the same architecture without fetching weights (infer.py loads a
     checkpoint over it).
     """
-    body = create_timm_features(cfg["BACKBONE"],
-                                pretrained=load_pretrained and cfg.get("PRETRAINED", False),
-                                pretrained_weights=cfg.get("PRETRAINED_WEIGHTS", "") if load_pretrained else "")
-    if freeze_bn_setting(cfg)[0]:
-        body = freeze_batchnorm(body)
-    backbone = TimmFPN(body, cfg.get("FPN_CHANNELS", FPN_CHANNELS))
-    data_cfg = body.pretrained_cfg
     anchors = Float32AnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES))
+    coco = cfg["BACKBONE"] == COCO_MODEL
+    if coco:  # torchvision's COCO Mask R-CNN v2 (its weights load once it is whole, below)
+        backbone, parts = coco_parts(cfg, anchors.num_anchors_per_location()[0])
+        data_cfg = {}  # ImageNet mean/std below: what torchvision's COCO weights expect
+    else:
+        body = create_timm_features(cfg["BACKBONE"],
+                                    pretrained=load_pretrained and cfg.get("PRETRAINED", False),
+                                    pretrained_weights=cfg.get("PRETRAINED_WEIGHTS", "") if load_pretrained else "")
+        if freeze_bn_setting(cfg)[0]:
+            body = freeze_batchnorm(body)
+        backbone, parts = TimmFPN(body, cfg.get("FPN_CHANNELS", FPN_CHANNELS)), {}
+        data_cfg = body.pretrained_cfg
     model = MaskRCNN(
         backbone,
         num_classes=NUM_CLASSES + 1,
@@ -251,7 +356,10 @@ def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0
         box_score_thresh=score_threshold, box_nms_thresh=nms_threshold,
         box_detections_per_img=detections_per_image,
         box_batch_size_per_image=cfg.get("ROI_BATCH_SIZE", 512),
+        **parts,
     )
+    if coco:
+        start_coco_model(model, cfg, load_pretrained)
     model.transform.__class__ = BoxMaskTransform
     model.rpn.head.__class__ = Float32RPNHead
     model.roi_heads.box_predictor.__class__ = Float32BoxPredictor
@@ -260,22 +368,30 @@ def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0
     model.rpn.box_similarity = BoxPair
     model.rpn.proposal_matcher = ChunkedMatcher(stock.high_threshold, stock.low_threshold,
                                                 stock.allow_low_quality_matches)
+    heads = cfg.get("HEADS", "standard")
+    if heads not in HEADS:
+        raise ValueError(f"HEADS={heads!r}: choose one of {', '.join(HEADS)}")
+    if heads == "cascade":
+        # a COCO box head (loaded above) starts every stage; a random one is drawn anew per stage
+        CascadeRoIHeads.from_standard(model.roi_heads, copy_weights=getattr(model, "pretrained_report", None) is not None)
     return configure_losses(model, cfg.get("LOSSES", "stock"))
 
 
-def load_weights(model, ckpt, path="checkpoint"):
-    """Load a checkpoint's weights; a checkpoint of another backbone or class count is refused with
-    a message that says which and why."""
-    state = ckpt["model"]
+def load_weights(model, ckpt, path="checkpoint", averaged=False):
+    """Load a checkpoint's weights; a checkpoint of another backbone, head or class count is refused
+    with a message that says which and why. averaged: the EMA weights where the run kept them (what
+    validation scored and infer.py predicts with), else the trained weights."""
+    state = ckpt.get("ema") if averaged and ckpt.get("ema") is not None else ckpt["model"]
     trained = ckpt.get("config", {}).get("BACKBONE")
-    cls = state.get("roi_heads.box_predictor.cls_score.weight")
+    heads = ckpt.get("config", {}).get("HEADS", "standard")
+    cls = state.get("roi_heads.box_predictor.cls_score.weight", state.get("roi_heads.box_predictors.0.cls_score.weight"))
     if cls is not None and cls.shape[0] != NUM_CLASSES + 1:
         raise CheckpointError(f"{path} predicts {cls.shape[0] - 1} classes, this model {NUM_CLASSES}: "
                               "it was not trained for HW3's four cell classes")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit this model (checkpoint BACKBONE={trained!r}; the weights "
+        raise CheckpointError(f"{path} does not fit this model (checkpoint BACKBONE={trained!r}, HEADS={heads!r}; the weights "
                               f"differ in shape or names): {str(e).splitlines()[0]} ...") from None
     return model
 

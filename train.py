@@ -20,12 +20,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
 import evaluate
 import infer
 import losses
-from dataset import CellDataset, DataError, check_train_data, collate, list_train_ids, make_demo_data, split_ids
+from dataset import (CellDataset, DataError, check_jitter, check_train_data, collate, list_train_ids, make_demo_data,
+                     split_ids)
+from model import HEADS as HEADS_CHOICES
 from model import PretrainedWeightsError, build_model, freeze_bn_setting, load_weights, parse_freeze_bn
 from utils import (CheckpointError, apply_overrides, atomic_write, load_checkpoint, rng_state, save_checkpoint, save_json,
                    seed_everything, set_rng_state)
@@ -33,18 +36,26 @@ from utils import (CheckpointError, apply_overrides, atomic_write, load_checkpoi
 # ---- constants (each one can be overridden: --epochs 3, --pretrained false, ...) --------------
 DATA_DIR = "data"
 RUN_DIR = ""                  # '' = runs/<date-time>
-BACKBONE = "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"  # any timm model name
-PRETRAINED = True             # true: ImageNet weights from timm's hub
+BACKBONE = "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"  # any timm model name, or "torchvision/maskrcnn_resnet50_fpn_v2":
+                              # torchvision's COCO Mask R-CNN v2 taken whole (COCO weights from its hub or PRETRAINED_WEIGHTS)
+PRETRAINED = True             # true: ImageNet weights from timm's hub (COCO weights from torchvision's for the COCO model)
 PRETRAINED_WEIGHTS = ""       # local weights file (Kaggle without internet); wins over the hub
 FREEZE_BN = "auto"            # auto: frozen where pretrained weights were loaded (batch 1 makes live statistics
                               # noise), live for a random backbone (frozen, it could never learn); true | false
 FPN_CHANNELS = 256
+HEADS = "standard"            # standard: torchvision's box head | cascade: Cascade R-CNN's three stages (IoU 0.5/0.6/0.7,
+                              # cascade.py)
 ROI_BATCH_SIZE = 512          # RoIs sampled per image for the box head (torchvision default)
 MIN_SIZE = 800                # shorter side resized to MIN_SIZE (torchvision's rule) ...
 MAX_SIZE = 1333               # ... unless the longer side would pass MAX_SIZE; never a longer input side
 SCALE = 0.0                   # > 0: resize every image by this fixed factor instead (2.0 = the top entries'
                               # 2x upscaling); training crops a random MAX_SIZE/SCALE window from larger
                               # images, inference tiles them (infer.py TILE)
+SCALE_JITTER = [1.0, 1.0]     # [lo, hi]: each training image resized by a random factor in [lo, hi] times the sizing
+                              # rule's, then cropped to at most MAX_SIZE ([0.5, 2.0]: the 0.639 entry's); [1, 1] = off
+STAIN_AUG = 0.0               # probability of an H&E stain jitter (albumentations HEStain) + brightness/contrast
+EMA = 0.0                     # decay of an exponential moving average of the weights (timm ModelEmaV3, warm-up aware),
+                              # e.g. 0.9998; validation, best.pt and infer.py use the average; 0 = off
 EPOCHS = 50
 MAX_MINUTES = 0.0             # > 0: also stop when training steps (validation not counted) have taken this long,
                               # mid-epoch if need be (a time budget; ablate.py --minutes)
@@ -91,7 +102,7 @@ AUTO_LR = {"pretrained": 5e-5, "scratch": 2e-4}  # LR "auto"
 
 def resolve_config(argv=None):
     ns = {k: v for k, v in globals().items() if k.isupper() and k not in ("DEMO_SETTINGS", "METRIC_FIELDS",
-                                                                         "MAX_SKIPPED_STEPS", "AUTO_LR")}
+                                                                         "MAX_SKIPPED_STEPS", "AUTO_LR", "HEADS_CHOICES")}
     cfg, given = apply_overrides(ns, argv, description=__doc__)
     on_command_line = set(given)
     ckpt = None
@@ -102,6 +113,7 @@ def resolve_config(argv=None):
     if cfg["DEMO"]:
         cfg.update({k: v for k, v in DEMO_SETTINGS.items() if k not in given})
     resolve_training_defaults(cfg, fresh=ckpt is None, forced_now="FREEZE_BN" in on_command_line)
+    check_levers(cfg)
     if cfg["LOSSES"] not in losses.PRESETS:
         raise SystemExit(f"--losses {cfg['LOSSES']!r} is not a preset; choose one of {', '.join(losses.PRESETS)}")
     if not cfg["RUN_DIR"]:
@@ -109,6 +121,20 @@ def resolve_config(argv=None):
             raise SystemExit("--resume needs --run-dir: the run folder to continue")
         cfg["RUN_DIR"] = f"runs/{'demo-' if cfg['DEMO'] else ''}{time.strftime('%Y%m%d-%H%M%S')}"
     return cfg, ckpt
+
+
+def check_levers(cfg):
+    """HEADS, SCALE_JITTER, STAIN_AUG and EMA: a bad value stops before anything is built."""
+    if cfg["HEADS"] not in HEADS_CHOICES:
+        raise SystemExit(f"--heads {cfg['HEADS']!r}: choose one of {', '.join(HEADS_CHOICES)}")
+    try:
+        cfg["SCALE_JITTER"] = list(check_jitter(cfg["SCALE_JITTER"]))
+    except ValueError as e:
+        raise SystemExit(f"--scale-jitter: {e}") from None
+    if not 0 <= cfg["STAIN_AUG"] <= 1:
+        raise SystemExit(f"--stain-aug {cfg['STAIN_AUG']}: a probability, 0 to 1")
+    if not 0 <= cfg["EMA"] < 1:
+        raise SystemExit(f"--ema {cfg['EMA']}: a decay in [0, 1), e.g. 0.9998 (0 = off)")
 
 
 def resolve_training_defaults(cfg, fresh=True, forced_now=False):
@@ -303,11 +329,13 @@ def restore_rng(ckpt, generator, rank, world, device, fallback_seed):
     return notes
 
 
-def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None, deadline=None):
+def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None, deadline=None,
+                    ema=None):
     """One pass over the training split; returns the mean of each loss term and the step count skipped.
     dtype: autocast dtype (None = full precision); scaler: a GradScaler for fp16. Under DDP the figures
     are over all processes, and a step is skipped on all of them when any one's loss is not finite.
-    deadline: a time.time() at which the epoch ends early (MAX_MINUTES), on all processes alike."""
+    deadline: a time.time() at which the epoch ends early (MAX_MINUTES), on all processes alike.
+    ema: a timm ModelEmaV3 of the bare model, updated after every optimiser step (rank 0's only)."""
     device = torch.device(device)
     scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
     model.train()
@@ -345,6 +373,8 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scale
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"])
         scaler.step(optimizer)
         scaler.update()
+        if ema is not None:  # warm-up aware: the decay grows with the global step up to EMA
+            ema.update(getattr(model, "module", model), step=state["step"])
         steps += 1
         for k, v in loss_dict.items():
             sums[k] = sums.get(k, 0.0) + v.item()
@@ -473,7 +503,8 @@ def train(cfg, ckpt, rank, world, device):
     else:
         train_ids, val_ids = split_ids(all_ids, cfg["VAL_FRACTION"], cfg["SEED"])
     sizing = (cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["SCALE"])
-    train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True, sizing=sizing)
+    train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True, sizing=sizing, jitter=cfg["SCALE_JITTER"],
+                            stain=cfg["STAIN_AUG"])
     val_set = CellDataset(cfg["DATA_DIR"], val_ids, train=False)  # own size: scored as at test time
     train_loader, sampler, generator = make_train_loader(train_set, cfg, rank, world, device)
     loss_loader = infer.in_order_loader(CellDataset(cfg["DATA_DIR"], val_ids, train=False, sizing=sizing),
@@ -492,6 +523,7 @@ def train(cfg, ckpt, rank, world, device):
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg["LR_FACTOR"],
                                                            patience=cfg["LR_PATIENCE"])
     state = {"epoch": 0, "step": 0, "best_ap50": -math.inf, "bad_epochs": 0, "history": [], "stopped_early": False}
+    ema_state = None  # the averaged weights of a resumed run
 
     if ckpt is not None:
         load_weights(net, ckpt, run_dir / "last.pt")
@@ -500,12 +532,22 @@ def train(cfg, ckpt, rank, world, device):
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
+        ema_state = ckpt.get("ema")
         for note in restore_rng(ckpt, generator, rank, world, device, cfg["SEED"] + 1000 * state["epoch"]):
             print(f"rank {rank}: resume: {note}")
         del ckpt
         best = state["best_ap50"]
         log(f"resumed {run_dir} after epoch {state['epoch']} (best val AP50 "
             + (f"{best:.4f})" if best > -math.inf else "n/a: no val AP50 has picked a checkpoint yet)"))
+    # EMA: rank 0 keeps the average (it validates and saves; every process holds the same weights)
+    ema = ModelEmaV3(net, decay=cfg["EMA"], use_warmup=True) if cfg["EMA"] > 0 and rank == 0 else None
+    if ema is not None:
+        if ema_state is not None:
+            ema.module.load_state_dict(ema_state)
+        log(f"EMA of the weights, decay {cfg['EMA']:g} (warm-up: 1 - (1 + step)^-2/3 until then); validation, "
+            "best.pt and infer.py use the average"
+            + ("" if state["step"] == 0 or ema_state is not None else
+               f"; this run's checkpoint had none: it starts from the weights of step {state['step']}"))
     if rank == 0:  # config.json: the run's constants and, for this session, the precision it trains in
         run_dir.mkdir(parents=True, exist_ok=True)
         save_json({**cfg, "amp_dtype": str(dtype).replace("torch.", "") if dtype else "float32", "amp_why": amp_why},
@@ -543,14 +585,15 @@ def train(cfg, ckpt, rank, world, device):
             sampler.set_epoch(state["epoch"])
         deadline = t0 + budget - state.get("train_seconds", 0.0) if budget > 0 else None
         train_stats, skipped = train_one_epoch(model, train_loader, optimizer, device, cfg, state, weights,
-                                               scaler, dtype, deadline)
+                                               scaler, dtype, deadline, ema)
         # every process adds the same (slowest) figure, so all agree on the budget and stop together
         state["train_seconds"] = state.get("train_seconds", 0.0) + max_over_ranks(time.time() - t0, device)
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
         if len(val_set):  # rank 0 validates; the others get its figures (or its error)
-            row.update(on_rank0("validating", lambda: validate(net, loss_loader, val_set, device, weights, opts,
+            scored = ema.module if ema is not None else net  # the weights best.pt and infer.py will use
+            row.update(on_rank0("validating", lambda: validate(scored, loss_loader, val_set, device, weights, opts,
                                                                cfg["MASK_THRESHOLD"], coco_gt)))
         improved = True  # with no (or too small a) val split, the latest weights are the best we know
         if select:
@@ -573,6 +616,8 @@ def train(cfg, ckpt, rank, world, device):
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "state": state, "config": cfg,
                     "epoch": state["epoch"], "train_ids": train_ids, "val_ids": val_ids, "rng": streams[0][0],
                     "loader_rng": streams[0][1], "rng_ranks": streams}
+            if ema is not None:  # infer.py predicts with these (model.load_weights(averaged=True))
+                ckpt["ema"] = ema.module.state_dict()
             if improved:
                 save_checkpoint(ckpt, run_dir / "best.pt")
             save_checkpoint(ckpt, run_dir / "last.pt")

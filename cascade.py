@@ -1,0 +1,174 @@
+"""Cascade R-CNN box heads (Cai & Vasconcelos 2018) on torchvision's RoIHeads (HEADS = "cascade").
+
+    proposals -> stage 1 (IoU 0.5) -> refined boxes -> stage 2 (IoU 0.6) -> stage 3 (IoU 0.7) -> boxes
+                 each stage: RoIAlign (shared) -> its own box head -> class scores + class-agnostic deltas
+
+torchvision has no cascade; this follows mmdetection's CascadeRoIHead (which re-samples per stage)
+and detectron2's CascadeROIHeads (stage box coders, the inference score):
+- Training: each stage matches its input boxes to the cells at its own IoU threshold (positive >= t,
+  background < t), adds the cells as boxes and samples ROI_BATCH_SIZE RoIs (25% cells), as the standard
+  head does. Its class-agnostic deltas, encoded with its own box-coder weights (10,10,5,5 / 20,20,10,10 /
+  30,30,15,15: later stages regress finer offsets), refine its sampled boxes, detached, for the next
+  stage (the cells added as boxes are dropped first, mmdetection's `refine_bboxes`). Every loss preset
+  applies per stage (losses.box_losses); a term is the stage sum with weights 1 / 0.5 / 0.25.
+- The mask head trains on the last stage's cell RoIs (the best-placed boxes, IoU >= 0.7) and predicts
+  on the final boxes.
+- Inference: score = the mean of the three stages' class probabilities (each on its own input boxes),
+  boxes = the last stage's regression; then torchvision's per-class thresholding, NMS and top-k.
+The RPN, RoIAlign, mask head and mask predictor are the standard model's; only the box head and
+predictor are per stage (state_dict keys roi_heads.box_heads.<s>.*, roi_heads.box_predictors.<s>.*).
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.detection import _utils as det_utils
+from torchvision.models.detection.roi_heads import maskrcnn_inference
+from torchvision.ops import boxes as box_ops
+
+import losses
+
+STAGE_IOUS = (0.5, 0.6, 0.7)
+STAGE_BOX_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
+STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
+BOX_TERMS = ("loss_classifier", "loss_box_reg", "loss_box_ciou")
+
+
+def reset_parameters(module):
+    """A fresh initialisation of every layer of module that has one (Linear, Conv, BatchNorm)."""
+    for m in module.modules():
+        if m is not module and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return module
+
+
+class CascadeRoIHeads(losses.LossRoIHeads):
+    """Three box stages in place of torchvision's one; RPN proposals, RoIAlign, mask head and the
+    loss preset (LossRoIHeads.preset) are the standard model's."""
+
+    @classmethod
+    def from_standard(cls, heads, copy_weights=False):
+        """Turn a built model's RoIHeads into a cascade, in place. Stage 1 takes the standard box head
+        and predictor; stages 2 and 3 copies of them, re-initialised unless copy_weights (a pretrained
+        box head: every stage starts from it). Each stage predicts the class scores and 4
+        class-agnostic deltas (a fresh layer in place of the per-class one)."""
+        box_head, predictor = heads.box_head, heads.box_predictor
+        del heads.box_head, heads.box_predictor  # now one per stage
+        heads.__class__ = cls
+        heads.box_heads, heads.box_predictors = nn.ModuleList(), nn.ModuleList()
+        for s in range(len(STAGE_IOUS)):
+            head = box_head if s == 0 else copy.deepcopy(box_head)
+            pred = predictor if s == 0 else copy.deepcopy(predictor)
+            if s > 0 and not copy_weights:
+                reset_parameters(head)
+                reset_parameters(pred)
+            pred.bbox_pred = nn.Linear(pred.bbox_pred.in_features, 4)
+            heads.box_heads.append(head)
+            heads.box_predictors.append(pred)
+        heads.stage_matchers = [det_utils.Matcher(t, t, allow_low_quality_matches=False) for t in STAGE_IOUS]
+        heads.stage_coders = [det_utils.BoxCoder(w) for w in STAGE_BOX_WEIGHTS]
+        heads.stage_loss_weights = STAGE_LOSS_WEIGHTS
+        return heads
+
+    # ---- training: per-stage sampling and losses ----------------------------------------------
+    def sample_stage(self, s, boxes, targets):
+        """Stage s's training RoIs of each image: its input boxes plus the cells, matched at the stage's
+        IoU threshold, sampled by the standard sampler (ROI_BATCH_SIZE, 25% cells). torchvision's
+        select_training_samples does this with one matcher and coder and does not say which sampled RoIs
+        are the added cells, which the next stage must drop. Returns lists (boxes, labels, matched cell,
+        regression targets, is-a-cell)."""
+        matcher, coder = self.stage_matchers[s], self.stage_coders[s]
+        out = []
+        for b, t in zip(boxes, targets):
+            gt = t["boxes"].to(b.dtype)
+            cand = torch.cat([b, gt])
+            is_gt = torch.arange(len(cand), device=b.device) >= len(b)
+            if len(gt) == 0:  # a negative image: every RoI is background
+                matched = torch.zeros(len(cand), dtype=torch.int64, device=b.device)
+                labels = torch.zeros_like(matched)
+                gt = torch.zeros((1, 4), dtype=b.dtype, device=b.device)
+            else:
+                m = matcher(box_ops.box_iou(gt, cand))  # low == high threshold: cell or background
+                matched = m.clamp(min=0)
+                labels = t["labels"][matched].to(torch.int64)
+                labels[m < 0] = 0
+            pos, neg = self.fg_bg_sampler([labels])
+            keep = torch.where(pos[0] | neg[0])[0]
+            cand, labels, matched, is_gt = cand[keep], labels[keep], matched[keep], is_gt[keep]
+            out.append((cand, labels, matched, coder.encode_single(gt[matched], cand), is_gt))
+        return [list(x) for x in zip(*out)]
+
+    def stage_box_losses(self, s, class_logits, deltas, labels, regression_targets, boxes):
+        """The preset's box terms of stage s (losses.box_losses on class-agnostic deltas)."""
+        pos = labels > 0
+        return losses.box_losses(class_logits, deltas[pos], labels, regression_targets[pos], boxes[pos],
+                                 self.stage_coders[s], self.loss_classification, ciou=self.preset != "stock")
+
+    def combine_stage_losses(self, stage_losses):
+        """Each box term summed over the stages with the stage weights (1, 0.5, 0.25)."""
+        return {k: sum(w * d[k] for w, d in zip(self.stage_loss_weights, stage_losses))
+                for k in stage_losses[0]}
+
+    # ---- the cascade ----------------------------------------------------------------------------
+    def run_stage(self, s, features, boxes, image_shapes):
+        x = self.box_roi_pool(features, boxes, image_shapes)
+        return self.box_predictors[s](self.box_heads[s](x))
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if self.training:
+            self.check_targets(targets)
+        boxes, probs, stage_losses, last = proposals, [], [], None
+        for s in range(len(self.box_heads)):
+            if self.training:
+                boxes, labels, matched, regression_targets, is_gt = self.sample_stage(s, boxes, targets)
+            class_logits, deltas = self.run_stage(s, features, boxes, image_shapes)
+            refined = self.stage_coders[s].decode_single(deltas, torch.cat(boxes)).split([len(b) for b in boxes])
+            refined = [box_ops.clip_boxes_to_image(r, shape) for r, shape in zip(refined, image_shapes)]
+            if self.training:
+                stage_losses.append(self.stage_box_losses(s, class_logits, deltas, torch.cat(labels),
+                                                          torch.cat(regression_targets), torch.cat(boxes)))
+                last = (boxes, labels, matched)
+                # the next stage's input: this stage's refined RoIs, detached, without the added cells and
+                # empty boxes (mmdetection's refine_bboxes, detectron2's nonempty())
+                refined = [r.detach()[~g & (r[:, 2] > r[:, 0]) & (r[:, 3] > r[:, 1])] for r, g in zip(refined, is_gt)]
+            else:
+                probs.append(F.softmax(class_logits, -1))
+            boxes = refined
+        if self.training:
+            result, out = [], self.combine_stage_losses(stage_losses)
+            if self.has_mask():
+                out.update(self.mask_training_losses(features, image_shapes, targets, *last))
+            return result, out
+        scores = torch.stack(probs).mean(0).split([len(b) for b in boxes])  # the stages' mean probability
+        result = [self.detections(b, sc) for b, sc in zip(boxes, scores)]
+        if self.has_mask():
+            mask_logits = self.mask_predictor(self.mask_head(
+                self.mask_roi_pool(features, [r["boxes"] for r in result], image_shapes)))
+            for r, m in zip(result, maskrcnn_inference(mask_logits, [r["labels"] for r in result])):
+                r["masks"] = m
+        return result, {}
+
+    def mask_training_losses(self, features, image_shapes, targets, boxes, labels, matched):
+        """The mask head on the last stage's cell RoIs (preset's mask terms)."""
+        pos = [lab > 0 for lab in labels]
+        mask_boxes = [b[p] for b, p in zip(boxes, pos)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
+        return losses.mask_losses(mask_logits, mask_boxes, [t["masks"] for t in targets],
+                                  [t["labels"] for t in targets], [m[p] for m, p in zip(matched, pos)],
+                                  extra_terms=self.preset != "stock")
+
+    def detections(self, boxes, scores):
+        """One image's final boxes (N,4) and class probabilities (N,C) -> torchvision's per-class
+        detections: background dropped, score threshold, tiny boxes removed, class-wise NMS, top-k
+        (RoIHeads.postprocess_detections, which wants per-class deltas to decode)."""
+        n, c = scores.shape
+        labels = torch.arange(1, c, device=scores.device).repeat(n)
+        boxes = boxes[:, None].expand(n, c - 1, 4).reshape(-1, 4)
+        scores = scores[:, 1:].reshape(-1)
+        keep = torch.where(scores > self.score_thresh)[0]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[:self.detections_per_img]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}

@@ -1,0 +1,147 @@
+"""HEADS = cascade: stage thresholds, stage loss weights, the inference score, train -> save -> infer."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_iou
+
+import cascade
+from conftest import TINY
+from model import build_model
+
+
+def cells_image():
+    """A 96 x 128 image with three box-shaped cells of classes 1-3 (masks = their boxes)."""
+    boxes = torch.tensor([[10., 10, 30, 30], [40, 40, 70, 60], [80, 20, 100, 50]])
+    masks = torch.zeros(3, 96, 128, dtype=torch.uint8)
+    for i, b in enumerate(boxes.long()):
+        masks[i, b[1]:b[3], b[0]:b[2]] = 1
+    return torch.rand(3, 96, 128), {"boxes": boxes, "labels": torch.tensor([1, 2, 3]), "masks": masks}
+
+
+def cascade_model(**cfg):
+    torch.manual_seed(0)
+    return build_model(dict(TINY, HEADS="cascade", **cfg))
+
+
+def test_cascade_replaces_the_box_head_with_three_stages():
+    model = cascade_model()
+    heads = model.roi_heads
+    assert isinstance(heads, cascade.CascadeRoIHeads) and len(heads.box_heads) == len(heads.box_predictors) == 3
+    assert [m.high_threshold for m in heads.stage_matchers] == [0.5, 0.6, 0.7]
+    assert [m.low_threshold for m in heads.stage_matchers] == [0.5, 0.6, 0.7]
+    assert [c.weights for c in heads.stage_coders] == [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]
+    assert all(p.bbox_pred.out_features == 4 for p in heads.box_predictors)  # class-agnostic
+    assert all(p.cls_score.out_features == 5 for p in heads.box_predictors)
+    # the stages start apart (stages 2 and 3 re-initialised, not copies of stage 1)
+    w = [h.fc6.weight for h in heads.box_heads]
+    assert not torch.equal(w[0], w[1]) and not torch.equal(w[1], w[2])
+    keys = model.state_dict().keys()
+    assert "roi_heads.box_heads.2.fc7.weight" in keys and not any(k.startswith("roi_heads.box_head.") for k in keys)
+
+
+def test_stage_thresholds_reach_the_samplers(monkeypatch):
+    """Every stage's sampled RoIs are cells where they overlap a cell by its threshold, background below."""
+    model = cascade_model(ROI_BATCH_SIZE=64).train()
+    heads = model.roi_heads
+    seen = []
+    sample = heads.sample_stage
+
+    def record(s, boxes, targets):
+        out = sample(s, boxes, targets)
+        seen.append((s, out, targets))
+        return out
+    monkeypatch.setattr(heads, "sample_stage", record)
+    image, target = cells_image()
+    model([image], [target])
+    assert [s for s, _, _ in seen] == [0, 1, 2]
+    for s, (boxes, labels, matched, _, is_gt), targets in seen:
+        iou = box_iou(boxes[0], targets[0]["boxes"]).max(1).values
+        pos = labels[0] > 0
+        assert pos.any() and (~pos).any()
+        assert (iou[pos] >= cascade.STAGE_IOUS[s] - 1e-6).all(), s
+        assert (iou[~pos] < cascade.STAGE_IOUS[s]).all(), s
+        assert torch.equal(labels[0][pos], targets[0]["labels"][matched[0][pos]])
+        assert is_gt[0].sum() <= 3 and len(boxes[0]) <= 64
+
+
+def test_later_stages_take_the_refined_boxes_without_the_added_cells(monkeypatch):
+    model = cascade_model(ROI_BATCH_SIZE=64).train()
+    heads = model.roi_heads
+    inputs, outputs = [], []
+    sample = heads.sample_stage
+
+    def record(s, boxes, targets):
+        inputs.append([b.clone() for b in boxes])
+        out = sample(s, boxes, targets)
+        outputs.append(out)
+        return out
+    monkeypatch.setattr(heads, "sample_stage", record)
+    image, target = cells_image()
+    model([image], [target])
+    for s in (1, 2):
+        prev_boxes, _, _, _, prev_gt = outputs[s - 1]
+        assert len(inputs[s][0]) <= (~prev_gt[0]).sum()  # the cells added as boxes are gone
+        assert not inputs[s][0].requires_grad  # detached
+
+
+def test_stage_weights_weigh_the_box_losses(monkeypatch):
+    model = cascade_model(LOSSES="report").train()
+    calls = []
+
+    def fake(s, *args):
+        calls.append(s)
+        v = torch.tensor(float(s + 1))
+        return {"loss_classifier": v, "loss_box_reg": 10 * v, "loss_box_ciou": 100 * v}
+    monkeypatch.setattr(model.roi_heads, "stage_box_losses", fake)
+    image, target = cells_image()
+    out = model([image], [target])
+    assert calls == [0, 1, 2]
+    expected = 1 * 1 + 0.5 * 2 + 0.25 * 3
+    assert out["loss_classifier"].item() == pytest.approx(expected)
+    assert out["loss_box_reg"].item() == pytest.approx(10 * expected)
+    assert out["loss_box_ciou"].item() == pytest.approx(100 * expected)
+    assert {"loss_mask", "loss_dice", "loss_boundary", "loss_objectness", "loss_rpn_box_reg"} <= set(out)
+
+
+@pytest.mark.parametrize("preset,terms", [
+    ("stock", {"loss_classifier", "loss_box_reg", "loss_mask"}),
+    ("report", {"loss_classifier", "loss_box_reg", "loss_box_ciou", "loss_mask", "loss_dice", "loss_boundary"})])
+def test_every_preset_applies_per_stage_and_trains(preset, terms):
+    model = cascade_model(LOSSES=preset).train()
+    image, target = cells_image()
+    out = model([image], [target])
+    assert set(out) == terms | {"loss_objectness", "loss_rpn_box_reg"}
+    assert all(torch.isfinite(v) for v in out.values())
+    sum(out.values()).backward()
+    for s in range(3):  # every stage learns
+        assert model.roi_heads.box_predictors[s].bbox_pred.weight.grad.abs().sum() > 0
+        assert model.roi_heads.box_heads[s].fc6.weight.grad.abs().sum() > 0
+
+
+def test_negative_image_trains():
+    model = cascade_model(LOSSES="report").train()
+    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+             "masks": torch.zeros(0, 96, 128, dtype=torch.uint8)}
+    out = model([torch.rand(3, 96, 128)], [empty])
+    assert all(torch.isfinite(v) for v in out.values())
+
+
+def test_inference_score_is_the_mean_of_the_stages(monkeypatch):
+    """With nothing suppressed, the detections' scores are exactly the stages' mean class probabilities."""
+    model = cascade_model(ROI_BATCH_SIZE=64).eval()
+    heads = model.roi_heads
+    heads.score_thresh, heads.nms_thresh, heads.detections_per_img = -1.0, 1.0, 10**6
+    model.rpn._post_nms_top_n["testing"] = 40
+    logits = []
+    for p in heads.box_predictors:
+        p.register_forward_hook(lambda m, i, o: logits.append(o[0].detach()))
+    image, _ = cells_image()
+    with torch.no_grad():
+        out = model([image])[0]
+    assert len(logits) == 3
+    probs = [F.softmax(l, -1) for l in logits]
+    mean = torch.stack(probs).mean(0)[:, 1:].flatten()
+    assert len(out["scores"]) == len(mean)  # nothing dropped: every (RoI, class) pair is a detection
+    assert torch.allclose(out["scores"].sort().values, mean.sort().values)
+    assert not torch.allclose(out["scores"].sort().values, probs[-1][:, 1:].flatten().sort().values)
+    assert out["mask_probs"].shape == (len(mean), 1, 28, 28)

@@ -1,0 +1,176 @@
+"""The levers of the 0.60+ entries: EMA, scale jitter, stain augmentation, and all of them with the
+cascade heads through train.py -> resume -> infer.py."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import masks_to_boxes
+
+import infer
+import train
+from conftest import TINY, tiny_args, write_sample
+from dataset import CellDataset, collate, list_train_ids
+from model import build_model
+from utils import load_checkpoint
+
+
+# ---- EMA ---------------------------------------------------------------------------------------
+def test_ema_follows_its_warm_up_rule_step_by_step(demo_dir):
+    """After each optimiser step: ema = d * ema + (1 - d) * weights, d = 1 - (1 + step')^(-2/3) capped at
+    EMA, step' = the global step - 1 (timm's warm-up): the first step copies the weights."""
+    from timm.utils import ModelEmaV3
+    torch.manual_seed(0)
+    model = build_model(TINY).train()
+    ema = ModelEmaV3(model, decay=0.5, use_warmup=True)
+    data = CellDataset(demo_dir, list_train_ids(demo_dir)[:3], train=True, sizing=(96, 160, 0.0))
+    loader = torch.utils.data.DataLoader(data, batch_size=1, collate_fn=collate)
+    cfg = dict(TINY, WARMUP_ITERS=0, EPOCHS=1, GRAD_CLIP=10.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for g in optimizer.param_groups:
+        g["initial_lr"] = 1e-3
+    snapshots = []
+    update = ema.update
+
+    def record(m, step=None):
+        before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+        update(m, step=step)
+        snapshots.append((step, before, {k: v.clone() for k, v in m.state_dict().items()},
+                          {k: v.clone() for k, v in ema.module.state_dict().items()}))
+    ema.update = record
+    state = {"epoch": 0, "step": 0}
+    train.train_one_epoch(model, loader, optimizer, "cpu", cfg, state, {k: 1.0 for k in TINY_TERMS}, ema=ema)
+    assert [s[0] for s in snapshots] == [1, 2, 3]  # the global step of each update
+    for step, before, weights, after in snapshots:
+        d = min(1 - (1 + (step - 1)) ** (-2 / 3), 0.5) if step > 1 else 0.0
+        for k, v in after.items():
+            if v.is_floating_point():
+                assert torch.allclose(v, d * before[k] + (1 - d) * weights[k], atol=1e-6), (step, k)
+    assert snapshots[-1][2].keys() == snapshots[-1][3].keys()
+    moved = [k for k, v in snapshots[-1][3].items() if v.is_floating_point() and not torch.equal(v, snapshots[-1][2][k])]
+    assert moved  # after three steps the average is not the weights
+
+
+TINY_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
+
+
+@pytest.fixture(scope="module")
+def all_levers(demo_dir, tmp_path_factory):
+    """A cascade + EMA + scale jitter + stain run of 2 epochs, and the same stopped at 1 and resumed."""
+    root = tmp_path_factory.mktemp("levers")
+    levers = dict(HEADS="cascade", EMA=0.9, SCALE_JITTER=[0.5, 2.0], STAIN_AUG=0.5, LOSSES="report")
+    common = dict(DATA_DIR=str(demo_dir), BATCH_SIZE=2, LR=1e-3, WARMUP_ITERS=2, VAL_FRACTION=0.34, NUM_WORKERS=0,
+                  VAL_DETECTIONS_PER_IMAGE=50, MIN_VAL_IMAGES=1, **levers)
+    whole, parts = root / "whole", root / "parts"
+    train.main(tiny_args(RUN_DIR=str(whole), EPOCHS=2, **common))
+    train.main(tiny_args(RUN_DIR=str(parts), EPOCHS=1, **common))
+    train.main(["--run-dir", str(parts), "--resume", "--epochs", "2"])
+    return whole, parts
+
+
+def test_ema_is_what_best_pt_holds_and_infer_uses(all_levers, demo_dir):
+    whole, _ = all_levers
+    best = load_checkpoint(whole / "best.pt")
+    assert best["config"]["EMA"] == 0.9 and "ema" in best
+    differs = [k for k, v in best["ema"].items() if v.is_floating_point() and not torch.equal(v, best["model"][k])]
+    assert differs  # the average, not the trained weights
+    model, _ = infer.load_model(whole / "best.pt", "cpu", detections_per_image=50)  # as validation
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in best["ema"].items())
+    # validation scored the averaged weights: re-scoring them gives the logged val AP50
+    import evaluate
+    val = CellDataset(demo_dir, best["val_ids"])
+    opts = infer.predict_options(best["config"], detections_per_image=50)
+    metrics, _ = evaluate.evaluate(model, val, "cpu", opts, best["config"]["MASK_THRESHOLD"])
+    assert metrics["ap50"] == pytest.approx(best["state"]["history"][best["epoch"] - 1]["val_ap50"], abs=1e-9)
+
+
+def test_all_levers_resume_to_the_uninterrupted_run(all_levers):
+    whole, parts = all_levers
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(parts / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2 and b["config"]["HEADS"] == "cascade"
+    for key in ("train_loss", "loss_classifier", "loss_box_ciou", "val_loss", "val_ap50"):
+        assert b["state"]["history"][1][key] == pytest.approx(a["state"]["history"][1][key], rel=1e-5, abs=1e-7), key
+    for k, v in a["ema"].items():  # the average was restored and went on as in the uninterrupted run
+        assert torch.allclose(b["ema"][k].float(), v.float(), rtol=1e-5, atol=1e-6), k
+
+
+def test_all_levers_infer_a_valid_submission(all_levers, demo_dir, tmp_path):
+    whole, _ = all_levers
+    out = tmp_path / "test-results.json"
+    infer.main(["--checkpoint", str(whole / "best.pt"), "--data-dir", str(demo_dir), "--output-json", str(out),
+                "--num-workers", "0", "--detections-per-image", "20", "--score-threshold", "0.0", "--tta", "flips"])
+    table = json.loads((demo_dir / "test_image_name_to_ids.json").read_text())
+    assert infer.check_submission(json.loads(out.read_text()), table)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--heads", "fancy", "--heads 'fancy'"), ("--scale-jitter", "[2, 1]", "lo <= hi"),
+    ("--scale-jitter", "[0.5]", "give \\[lo, hi\\]"), ("--stain-aug", "1.5", "a probability"),
+    ("--ema", "1.0", "a decay in")])
+def test_bad_lever_values_are_refused(flag, value, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        train.main(tiny_args(DATA_DIR=str(tmp_path), RUN_DIR=str(tmp_path / "r")) + [flag, value])
+
+
+# ---- scale jitter ------------------------------------------------------------------------------
+def blob_sample(root, h=90, w=120, n=12, seed=0):
+    """A training image with n rectangular cells of class 2."""
+    rng = np.random.default_rng(seed)
+    lab = np.zeros((h, w))
+    for i in range(1, n + 1):
+        y, x = rng.integers(0, h - 8), rng.integers(0, w - 8)
+        lab[y:y + rng.integers(3, 9), x:x + rng.integers(3, 9)] = i
+    image = rng.integers(0, 255, (h, w, 4), dtype=np.uint8)
+    write_sample(root, "j", image=image, classes={2: lab})
+    return h, w
+
+
+def test_scale_jitter_factors_stay_in_range_and_masks_fit_boxes(tmp_path):
+    h, w = blob_sample(tmp_path)
+    base = min(96 / h, 4000 / w)  # the sizing rule's factor; MAX_SIZE far away: nothing is cropped
+    data = CellDataset(tmp_path, ["j"], train=True, sizing=(96, 4000, 0.0), jitter=(0.5, 2.0))
+    torch.manual_seed(0)
+    factors = []
+    for _ in range(40):
+        image, target = data[0]
+        factors.append(min(image.shape[-2:]) / min(h, w))  # RandomRotate90 may swap the sides
+        assert image.shape[-2:] == target["masks"].shape[-2:] and target["masks"].dtype == torch.uint8
+        keep = target["masks"].flatten(1).any(1)
+        assert torch.equal(masks_to_boxes(target["masks"][keep]) + torch.tensor([0, 0, 1, 1]), target["boxes"][keep])
+    assert 0.5 * base - 0.02 <= min(factors) < 0.8 * base and 1.6 * base < max(factors) <= 2.0 * base + 0.02
+    # MAX_SIZE near: large factors crop a random window, never an input side over MAX_SIZE
+    data = CellDataset(tmp_path, ["j"], train=True, sizing=(96, 128, 0.0), jitter=(0.5, 2.0))
+    sides = []
+    for _ in range(40):
+        image, target = data[0]
+        sides.append(max(image.shape[-2:]))
+        keep = target["masks"].flatten(1).any(1)
+        assert torch.equal(masks_to_boxes(target["masks"][keep]) + torch.tensor([0, 0, 1, 1]), target["boxes"][keep])
+    assert max(sides) <= 128 and min(sides) < 100
+
+
+def test_jitter_off_keeps_the_sizing_rule(tmp_path):
+    h, w = blob_sample(tmp_path)
+    torch.manual_seed(0)
+    for _ in range(5):
+        image, target = CellDataset(tmp_path, ["j"], train=True, sizing=(96, 160, 0.0))[0]
+        assert sorted(image.shape[-2:]) == [96, int(w * 96 / h)]  # RandomRotate90 may swap the sides
+
+
+# ---- stain augmentation --------------------------------------------------------------------------
+def test_stain_augmentation_changes_pixels_not_masks(sample_dir):
+    """Same seed with and without STAIN_AUG: the same geometry (masks, boxes, labels), other pixels."""
+    sizing = (256, 320, 0.0)
+    plain = CellDataset(sample_dir, ["course-sample"], train=True, sizing=sizing)
+    stained = CellDataset(sample_dir, ["course-sample"], train=True, sizing=sizing, stain=1.0)
+    changed = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        a_img, a = plain[0]
+        torch.manual_seed(seed)
+        b_img, b = stained[0]
+        assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["boxes"], b["boxes"])
+        assert torch.equal(a["labels"], b["labels"]) and a_img.shape == b_img.shape
+        changed += (a_img - b_img).abs().mean().item() > 0.01
+    assert changed >= 3  # ToGray (p 0.1) may grey both alike
