@@ -12,6 +12,8 @@ bench/realistic_data.py writes it).
 --vary NAME=v1,v2 (repeatable; a JSON list for values that hold commas) takes any train.py constant, or an
 inference-only one (SCORE_THRESHOLD, NMS_THRESHOLD, DETECTIONS_PER_IMAGE, MASK_THRESHOLD, TTA, TTA_SCALES,
 TILE, TILE_OVERLAP: these reuse the trained checkpoint). Everything after `--` goes to every train.py run.
+--each trains the levers one at a time against the shared configuration (a 'base' row, then one row per
+value: `--each --vary heads=cascade --vary ema=0.999`) instead of every combination.
 --peer adds torchvision's stock Mask R-CNN (bench/peer.py) on the same data, split, input size and budget.
 
 Scores (segm, pycocotools): AP50 at maxDets 100 (the leaderboard's), AP50 at maxDets 1000, AP@[.5:.95],
@@ -199,6 +201,8 @@ def main(argv=None):
     ap.add_argument("--data-dir", required=True, help="dataset in the HW3 layout with test_gt_coco.json")
     ap.add_argument("--out", required=True, help="folder of the run folders and the tables")
     ap.add_argument("--vary", action="append", default=[], metavar="NAME=v1,v2", help="repeatable")
+    ap.add_argument("--each", action="store_true", help="one training constant at a time against the shared "
+                    "configuration (the 'base' row), instead of every combination")
     ap.add_argument("--peer", action="store_true", help="add torchvision's stock Mask R-CNN (bench/peer.py)")
     ap.add_argument("--peer-backbone", default="", help="the peer's torchvision ResNet (default: ours' BACKBONE)")
     ap.add_argument("--minutes", type=float, default=0.0, help="training minutes per run (MAX_MINUTES)")
@@ -212,7 +216,10 @@ def main(argv=None):
     device = infer.pick_device(cfg["DEVICE"])
     train_axes = [(n, v) for n, v in varied if n in training]
     infer_axes = [(n, v) for n, v in varied if n in inference]
-    train_grid = list(itertools.product(*[[(n, v) for v in vs] for n, vs in train_axes]))
+    if args.each:  # the levers one by one: base, then each value of each varied constant alone
+        train_grid = [()] + [((n, v),) for n, vs in train_axes for v in vs]
+    else:
+        train_grid = list(itertools.product(*[[(n, v) for v in vs] for n, vs in train_axes]))
     infer_grid = list(itertools.product(*[[(n, v) for v in vs] for n, vs in infer_axes]))
     total = len(train_grid) + bool(args.peer)
     out.mkdir(parents=True, exist_ok=True)
