@@ -61,6 +61,21 @@ def test_ablate_tiny_grid_tables_reuse_resume_and_skip(real_small, tmp_path, mon
         ablate.main(argv[:-len(tiny_args(EPOCHS=2, **SHARED))] + tiny_args(EPOCHS=3, **SHARED))
 
 
+def test_ablate_each_lever_alone_against_the_base(real_small, tmp_path, monkeypatch):
+    calls = []
+    real_main = train.main
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or real_main(argv))
+    out = tmp_path / "abl"
+    rows = ablate.main(["--data-dir", str(real_small), "--out", str(out), "--each", "--vary", "heads=cascade",
+                        "--vary", "ema=0.9,0.99", "--"] + tiny_args(EPOCHS=1, **SHARED))
+    assert [r["run"] for r in rows] == ["base", "heads=cascade", "ema=0.9", "ema=0.99"]  # not the 2 combinations
+    configs = {r["run"]: load_checkpoint(out / r["run"] / "last.pt")["config"] for r in rows}
+    assert (configs["base"]["HEADS"], configs["base"]["EMA"]) == ("standard", 0.0)
+    assert (configs["heads=cascade"]["HEADS"], configs["heads=cascade"]["EMA"]) == ("cascade", 0.0)
+    assert (configs["ema=0.99"]["HEADS"], configs["ema=0.99"]["EMA"]) == ("standard", 0.99)
+    assert len(calls) == 4 and all(0.0 <= r["ap50"] <= 1.0 for r in rows)
+
+
 def test_ablate_time_budget_and_peer_row(real_small, tmp_path):
     out = tmp_path / "abl"
     rows = ablate.main(["--data-dir", str(real_small), "--out", str(out), "--peer", "--peer-backbone", "resnet18",
