@@ -137,7 +137,7 @@ def test_scale_jitter_factors_stay_in_range_and_masks_fit_boxes(tmp_path):
         factors.append(min(image.shape[-2:]) / min(h, w))  # RandomRotate90 may swap the sides
         assert image.shape[-2:] == target["masks"].shape[-2:] and target["masks"].dtype == torch.uint8
         keep = target["masks"].flatten(1).any(1)
-        assert torch.equal(masks_to_boxes(target["masks"][keep]) + torch.tensor([0, 0, 1, 1]), target["boxes"][keep])
+        assert torch.equal(masks_to_boxes(target["masks"][keep].bool()) + torch.tensor([0, 0, 1, 1]), target["boxes"][keep])
     assert 0.5 * base - 0.02 <= min(factors) < 0.8 * base and 1.6 * base < max(factors) <= 2.0 * base + 0.02
     # MAX_SIZE near: large factors crop a random window, never an input side over MAX_SIZE
     data = CellDataset(tmp_path, ["j"], train=True, sizing=(96, 128, 0.0), jitter=(0.5, 2.0))
@@ -146,7 +146,7 @@ def test_scale_jitter_factors_stay_in_range_and_masks_fit_boxes(tmp_path):
         image, target = data[0]
         sides.append(max(image.shape[-2:]))
         keep = target["masks"].flatten(1).any(1)
-        assert torch.equal(masks_to_boxes(target["masks"][keep]) + torch.tensor([0, 0, 1, 1]), target["boxes"][keep])
+        assert torch.equal(masks_to_boxes(target["masks"][keep].bool()) + torch.tensor([0, 0, 1, 1]), target["boxes"][keep])
     assert max(sides) <= 128 and min(sides) < 100
 
 
