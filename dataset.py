@@ -155,6 +155,21 @@ def train_augmentation(stain=0.0):
     return A.Compose(steps)
 
 
+def seed_augmentation(compose, seed):
+    """Seed an albumentations pipeline so that its transforms draw independently. Its own
+    set_random_seed hands every transform the same seed, so their first draws (apply or not) agree:
+    two p=0.5 flips then fire together or not at all (a 180-degree turn, never a mirror), and half
+    the images get no augmentation. Here each transform, nested ones too, gets its own seed, spawned
+    from `seed` (numpy's SeedSequence)."""
+    compose.set_random_seed(seed)
+    children = list(compose.transforms)
+    for child, child_seed in zip(children, np.random.SeedSequence(seed).generate_state(len(children))):
+        if isinstance(child, A.BaseCompose):
+            seed_augmentation(child, int(child_seed))
+        else:
+            child.set_random_seed(int(child_seed))
+
+
 def list_train_ids(data_dir):
     """Sorted sample folder names under DATA_DIR/train, with clear errors for a wrong layout."""
     train_dir = Path(data_dir) / "train"
@@ -290,7 +305,7 @@ class CellDataset(torch.utils.data.Dataset):
         if self.augment is not None:
             # albumentations keeps its own RNG: seed it from torch's, which train.py seeds (and which
             # DataLoader seeds per worker), so augmentation is reproducible and resumable
-            self.augment.set_random_seed(int(torch.randint(0, 2**31 - 1, ())))
+            seed_augmentation(self.augment, int(torch.randint(0, 2**31 - 1, ())))
             out = self.augment(image=image, mask=labels)
             image, labels = out["image"], out["mask"]
         image = resize_image(to_tensor(image), factor)
