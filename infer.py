@@ -429,8 +429,10 @@ def main(argv=None):
         raise SystemExit(f"error: {e}") from None
     data_dir = cfg["DATA_DIR"] or ckpt["config"]["DATA_DIR"]
     min_size, max_size, scale = opts["sizing"]
-    print(f"checkpoint {checkpoint} (epoch {ckpt.get('epoch')}, backbone {ckpt['config']['BACKBONE']}), "
-          f"data {data_dir}, device {device}; input " + (f"x{scale:g}" if scale else f"MIN_SIZE {min_size}")
+    print(f"checkpoint {checkpoint} (epoch {ckpt.get('epoch')}, backbone {ckpt['config']['BACKBONE']})"
+          + (f", heads {ckpt['config']['HEADS']}" if ckpt["config"].get("HEADS", "standard") != "standard" else "")
+          + (f", EMA weights (decay {ckpt['config']['EMA']:g})" if ckpt.get("ema") is not None else "")
+          + f", data {data_dir}, device {device}; input " + (f"x{scale:g}" if scale else f"MIN_SIZE {min_size}")
           + f", at most {max_size} px a side" + (" (larger: tiles)" if opts["tile"] else "") + f", TTA {opts['tta']}")
     t0 = time.time()
     if cfg["EVAL"] or cfg["SWEEP"]:

@@ -5,6 +5,7 @@
     -> FeaturePyramidNetwork (+ max-pool level) -> RPN with the report's anchors
     -> box head (RoIAlign 7, sampling 2) -> mask head (RoIAlign 14, sampling 4)
 """
+import os
 from collections import OrderedDict
 from pathlib import Path
 
@@ -319,7 +320,8 @@ def start_coco_model(model, cfg, load_pretrained):
     model.pretrained_report = None
     if load_pretrained and (cfg.get("PRETRAINED") or cfg.get("PRETRAINED_WEIGHTS")):
         model.pretrained_report = load_coco_weights(model, *coco_state_dict(cfg))
-        print(f"{COCO_MODEL}: {model.pretrained_report}")
+        if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+            print(f"{COCO_MODEL}: {model.pretrained_report}")
     if freeze_bn_setting(cfg)[0]:
         model.backbone.body = freeze_batchnorm(model.backbone.body)
     return model

@@ -28,7 +28,7 @@ import infer
 import losses
 from dataset import (CellDataset, DataError, check_jitter, check_train_data, collate, list_train_ids, make_demo_data,
                      split_ids)
-from model import HEADS as HEADS_CHOICES
+from model import COCO_MODEL as coco_model, HEADS as head_choices  # lower case: not constants of train.py
 from model import PretrainedWeightsError, build_model, freeze_bn_setting, load_weights, parse_freeze_bn
 from utils import (CheckpointError, apply_overrides, atomic_write, load_checkpoint, rng_state, save_checkpoint, save_json,
                    seed_everything, set_rng_state)
@@ -95,14 +95,14 @@ DEMO_SETTINGS = dict(
     VAL_FRACTION=0.2, VAL_DETECTIONS_PER_IMAGE=200, NUM_WORKERS=0, EARLY_STOP_PATIENCE=5,
 )
 METRIC_FIELDS = ["epoch", "lr", "train_loss", *losses.LOSS_TERMS, "val_loss", "val_ap50", "val_ap",
-                 "skipped_steps", "epoch_seconds", "train_seconds"]
+                 "skipped_steps", "epoch_seconds", "train_seconds", "ema_decay"]
 MAX_SKIPPED_STEPS = 20  # consecutive non-finite losses before giving up
 AUTO_LR = {"pretrained": 5e-5, "scratch": 2e-4}  # LR "auto"
 
 
 def resolve_config(argv=None):
     ns = {k: v for k, v in globals().items() if k.isupper() and k not in ("DEMO_SETTINGS", "METRIC_FIELDS",
-                                                                         "MAX_SKIPPED_STEPS", "AUTO_LR", "HEADS_CHOICES")}
+                                                                         "MAX_SKIPPED_STEPS", "AUTO_LR")}
     cfg, given = apply_overrides(ns, argv, description=__doc__)
     on_command_line = set(given)
     ckpt = None
@@ -125,8 +125,11 @@ def resolve_config(argv=None):
 
 def check_levers(cfg):
     """HEADS, SCALE_JITTER, STAIN_AUG and EMA: a bad value stops before anything is built."""
-    if cfg["HEADS"] not in HEADS_CHOICES:
-        raise SystemExit(f"--heads {cfg['HEADS']!r}: choose one of {', '.join(HEADS_CHOICES)}")
+    if cfg["HEADS"] not in head_choices:
+        raise SystemExit(f"--heads {cfg['HEADS']!r}: choose one of {', '.join(head_choices)}")
+    if cfg["BACKBONE"] == coco_model and cfg["FPN_CHANNELS"] != 256:
+        raise SystemExit(f"--backbone {coco_model} has 256 FPN channels: set --fpn-channels 256 "
+                         f"(FPN_CHANNELS is {cfg['FPN_CHANNELS']})")
     try:
         cfg["SCALE_JITTER"] = list(check_jitter(cfg["SCALE_JITTER"]))
     except ValueError as e:
@@ -541,11 +544,14 @@ def train(cfg, ckpt, rank, world, device):
             + (f"{best:.4f})" if best > -math.inf else "n/a: no val AP50 has picked a checkpoint yet)"))
     # EMA: rank 0 keeps the average (it validates and saves; every process holds the same weights)
     ema = ModelEmaV3(net, decay=cfg["EMA"], use_warmup=True) if cfg["EMA"] > 0 and rank == 0 else None
+    if ema_state is not None and ema is None and rank == 0:
+        log("resume with EMA 0: the checkpoint's averaged weights are dropped; from here on validation, best.pt "
+            "and infer.py use the trained weights (best val AP50 so far was the average's)")
     if ema is not None:
         if ema_state is not None:
             ema.module.load_state_dict(ema_state)
-        log(f"EMA of the weights, decay {cfg['EMA']:g} (warm-up: 1 - (1 + step)^-2/3 until then); validation, "
-            "best.pt and infer.py use the average"
+        log(f"EMA of the weights, decay {cfg['EMA']:g} (warm-up: 1 - (1 + step)^-2/3 until then, so 0.997 at step "
+            "6000, 0.999 at 32k; metrics.csv ema_decay); validation, best.pt and infer.py use the average"
             + ("" if state["step"] == 0 or ema_state is not None else
                f"; this run's checkpoint had none: it starts from the weights of step {state['step']}"))
     if rank == 0:  # config.json: the run's constants and, for this session, the precision it trains in
@@ -590,6 +596,7 @@ def train(cfg, ckpt, rank, world, device):
         state["train_seconds"] = state.get("train_seconds", 0.0) + max_over_ranks(time.time() - t0, device)
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
+               "ema_decay": ema.get_decay(state["step"]) if ema is not None else float("nan"),
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
         if len(val_set):  # rank 0 validates; the others get its figures (or its error)
             scored = ema.module if ema is not None else net  # the weights best.pt and infer.py will use

@@ -77,6 +77,8 @@ def measure(cfg, data_dir, ids, args, device, peer=False):
                 else losses.weighted_total({k: v.float() for k, v in loss_dict.items()}, weights))
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # as train.py: GRAD_CLIP
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"])
         scaler.step(optimizer)
         scaler.update()
         if ema is not None:

@@ -80,6 +80,7 @@ def test_later_stages_take_the_refined_boxes_without_the_added_cells(monkeypatch
     model([image], [target])
     for s in (1, 2):
         prev_boxes, _, _, _, prev_gt = outputs[s - 1]
+        assert prev_gt[0].any()  # some added cells were sampled, so dropping them is tested
         assert len(inputs[s][0]) <= (~prev_gt[0]).sum()  # the cells added as boxes are gone
         assert not inputs[s][0].requires_grad  # detached
 
@@ -145,3 +146,21 @@ def test_inference_score_is_the_mean_of_the_stages(monkeypatch):
     assert torch.allclose(out["scores"].sort().values, mean.sort().values)
     assert not torch.allclose(out["scores"].sort().values, probs[-1][:, 1:].flatten().sort().values)
     assert out["mask_probs"].shape == (len(mean), 1, 28, 28)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stage_boxes_and_losses_stay_fp32_under_autocast(monkeypatch, dtype):
+    model = cascade_model(LOSSES="report").train()
+    heads = model.roi_heads
+    seen = []
+    losses_of = heads.stage_box_losses
+
+    def record(s, class_logits, deltas, labels, regression_targets, boxes):
+        seen.append((class_logits.dtype, deltas.dtype, regression_targets.dtype, boxes.dtype))
+        return losses_of(s, class_logits, deltas, labels, regression_targets, boxes)
+    monkeypatch.setattr(heads, "stage_box_losses", record)
+    image, target = cells_image()
+    with torch.autocast("cpu", dtype=dtype):
+        out = model([image], [target])
+    assert len(seen) == 3 and all(d == torch.float32 for row in seen for d in row)
+    assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in out.values())

@@ -1,5 +1,6 @@
 """The levers of the 0.60+ entries: EMA, scale jitter, stain augmentation, and all of them with the
 cascade heads through train.py -> resume -> infer.py."""
+import csv
 import json
 
 import numpy as np
@@ -74,6 +75,9 @@ def test_ema_is_what_best_pt_holds_and_infer_uses(all_levers, demo_dir):
     assert best["config"]["EMA"] == 0.9 and "ema" in best
     differs = [k for k, v in best["ema"].items() if v.is_floating_point() and not torch.equal(v, best["model"][k])]
     assert differs  # the average, not the trained weights
+    rows = list(csv.DictReader((whole / "metrics.csv").read_text().splitlines()))
+    decays = [float(r["ema_decay"]) for r in rows]  # the decay in force: timm's warm-up below EMA
+    assert len(decays) == 2 and 0 < decays[0] < decays[1] <= 0.9
     model, _ = infer.load_model(whole / "best.pt", "cpu", detections_per_image=50)  # as validation
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in best["ema"].items())
@@ -82,6 +86,7 @@ def test_ema_is_what_best_pt_holds_and_infer_uses(all_levers, demo_dir):
     val = CellDataset(demo_dir, best["val_ids"])
     opts = infer.predict_options(best["config"], detections_per_image=50)
     metrics, _ = evaluate.evaluate(model, val, "cpu", opts, best["config"]["MASK_THRESHOLD"])
+    assert metrics["ap50"] > 0  # a real score, not two zeros
     assert metrics["ap50"] == pytest.approx(best["state"]["history"][best["epoch"] - 1]["val_ap50"], abs=1e-9)
 
 
@@ -107,7 +112,7 @@ def test_all_levers_infer_a_valid_submission(all_levers, demo_dir, tmp_path):
 @pytest.mark.parametrize("flag,value,message", [
     ("--heads", "fancy", "--heads 'fancy'"), ("--scale-jitter", "[2, 1]", "lo <= hi"),
     ("--scale-jitter", "[0.5]", "give \\[lo, hi\\]"), ("--stain-aug", "1.5", "a probability"),
-    ("--ema", "1.0", "a decay in")])
+    ("--ema", "1.0", "a decay in"), ("--backbone", "torchvision/maskrcnn_resnet50_fpn_v2", "--fpn-channels 256")])
 def test_bad_lever_values_are_refused(flag, value, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         train.main(tiny_args(DATA_DIR=str(tmp_path), RUN_DIR=str(tmp_path / "r")) + [flag, value])
@@ -156,6 +161,30 @@ def test_jitter_off_keeps_the_sizing_rule(tmp_path):
     for _ in range(5):
         image, target = CellDataset(tmp_path, ["j"], train=True, sizing=(96, 160, 0.0))[0]
         assert sorted(image.shape[-2:]) == [96, int(w * 96 / h)]  # RandomRotate90 may swap the sides
+
+
+# ---- augmentation draws ----------------------------------------------------------------------------
+def test_augmentation_transforms_draw_independently():
+    """Each transform of the pipeline decides on its own: with p 0.5 / 0.5 / 0.5 / 0.3 / 0.1, about 8% of
+    the images go through unchanged (albumentations' own seeding gives all transforms one seed: ~48%),
+    and the horizontal and vertical flips occur alone as well as together."""
+    import albumentations as A
+    from dataset import seed_augmentation, train_augmentation
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (8, 10, 3), dtype=np.uint8)
+    aug = train_augmentation()
+    unchanged = 0
+    for seed in range(200):
+        seed_augmentation(aug, seed)
+        unchanged += np.array_equal(aug(image=image)["image"], image)
+    assert unchanged < 40, unchanged
+    flips = A.Compose([A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)])
+    seen = set()
+    for seed in range(50):
+        seed_augmentation(flips, seed)
+        out = flips(image=image)["image"]
+        seen.add((np.array_equal(out, image[:, ::-1]), np.array_equal(out, image[::-1]), np.array_equal(out, image[::-1, ::-1])))
+    assert {(True, False, False), (False, True, False), (False, False, True)} <= seen  # mirrors, not only 180 degrees
 
 
 # ---- stain augmentation --------------------------------------------------------------------------
