@@ -141,7 +141,7 @@ def test_scale_jitter_factors_stay_in_range_and_masks_fit_boxes(tmp_path):
         image, target = data[0]
         factors.append(min(image.shape[-2:]) / min(h, w))  # RandomRotate90 may swap the sides
         assert image.shape[-2:] == target["masks"].shape[-2:] and target["masks"].dtype == torch.uint8
-        keep = target["masks"].flatten(1).any(1)
+        keep = target["masks"].flatten(1).any(1).bool()
         assert torch.equal(masks_to_boxes(target["masks"][keep].bool()) + torch.tensor([0, 0, 1, 1]), target["boxes"][keep])
     assert 0.5 * base - 0.02 <= min(factors) < 0.8 * base and 1.6 * base < max(factors) <= 2.0 * base + 0.02
     # MAX_SIZE near: large factors crop a random window, never an input side over MAX_SIZE
@@ -150,7 +150,7 @@ def test_scale_jitter_factors_stay_in_range_and_masks_fit_boxes(tmp_path):
     for _ in range(40):
         image, target = data[0]
         sides.append(max(image.shape[-2:]))
-        keep = target["masks"].flatten(1).any(1)
+        keep = target["masks"].flatten(1).any(1).bool()
         assert torch.equal(masks_to_boxes(target["masks"][keep].bool()) + torch.tensor([0, 0, 1, 1]), target["boxes"][keep])
     assert max(sides) <= 128 and min(sides) < 100
 
