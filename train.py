@@ -596,7 +596,7 @@ def train(cfg, ckpt, rank, world, device):
         state["train_seconds"] = state.get("train_seconds", 0.0) + max_over_ranks(time.time() - t0, device)
         state["epoch"] += 1
         row = {"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
-               "ema_decay": ema.get_decay(state["step"]) if ema is not None else float("nan"),
+               **({"ema_decay": ema.get_decay(state["step"])} if ema is not None else {}),  # in force; none: no EMA
                **train_stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
         if len(val_set):  # rank 0 validates; the others get its figures (or its error)
             scored = ema.module if ema is not None else net  # the weights best.pt and infer.py will use
