@@ -137,8 +137,8 @@ def instances_from_labels(label_maps):
 # datasets
 def train_augmentation(stain=0.0):
     """Flips, 90-degree and small free rotations (nearest-neighbour for the label maps), to-gray; with
-    stain > 0 also, with that probability, an H&E stain jitter (albumentations' HEStain: a random
-    reference stain matrix, stain intensities scaled and shifted) and a brightness/contrast change.
+    stain > 0 also, with that probability, an H&E stain jitter (albumentations' HEStain: one of its
+    preset stain matrices at random, stain intensities scaled and shifted) and a brightness/contrast change.
     Pixel-level only: the label maps are never touched by it."""
     steps = [
         A.HorizontalFlip(p=0.5),

@@ -55,7 +55,8 @@ SCALE_JITTER = [1.0, 1.0]     # [lo, hi]: each training image resized by a rando
                               # rule's, then cropped to at most MAX_SIZE ([0.5, 2.0]: the 0.639 entry's); [1, 1] = off
 STAIN_AUG = 0.0               # probability of an H&E stain jitter (albumentations HEStain) + brightness/contrast
 EMA = 0.0                     # decay of an exponential moving average of the weights (timm ModelEmaV3, warm-up aware),
-                              # e.g. 0.9998; validation, best.pt and infer.py use the average; 0 = off
+                              # e.g. 0.999 (timm's warm-up keeps it below ~0.998 in a HW3-length run); validation,
+                              # best.pt and infer.py use the average; 0 = off
 EPOCHS = 50
 MAX_MINUTES = 0.0             # > 0: also stop when training steps (validation not counted) have taken this long,
                               # mid-epoch if need be (a time budget; ablate.py --minutes)
@@ -137,7 +138,7 @@ def check_levers(cfg):
     if not 0 <= cfg["STAIN_AUG"] <= 1:
         raise SystemExit(f"--stain-aug {cfg['STAIN_AUG']}: a probability, 0 to 1")
     if not 0 <= cfg["EMA"] < 1:
-        raise SystemExit(f"--ema {cfg['EMA']}: a decay in [0, 1), e.g. 0.9998 (0 = off)")
+        raise SystemExit(f"--ema {cfg['EMA']}: a decay in [0, 1), e.g. 0.999 (0 = off)")
 
 
 def resolve_training_defaults(cfg, fresh=True, forced_now=False):
