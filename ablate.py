@@ -9,12 +9,12 @@ bench/realistic_data.py writes it).
     python ablate.py ... --vary mask-threshold=0.5,0.6,0.7 -- ...          # inference only: no retraining
     python ablate.py ... --vary 'loss-weights=[{"loss_box_ciou": 1}, {"loss_box_ciou": 5}]' -- ...
 
---vary NAME=v1,v2 (repeatable; a JSON list for values that hold commas) takes any train.py constant, or an
-inference-only one (SCORE_THRESHOLD, NMS_THRESHOLD, DETECTIONS_PER_IMAGE, MASK_THRESHOLD, TTA, TTA_SCALES,
-TILE, TILE_OVERLAP: these reuse the trained checkpoint). Everything after `--` goes to every train.py run.
+--vary NAME=v1,v2 (repeatable; a JSON list for values that hold commas) takes any train.py constant but those
+of its "run" section, or one of infer.py's prediction constants (SCORE_THRESHOLD, NMS_THRESHOLD, ...: these
+reuse the trained checkpoint). Everything after `--` goes to every train.py run.
 --each trains the levers one at a time against the shared configuration (a 'base' row, then one row per
 value: `--each --vary heads=cascade --vary ema=0.999`) instead of every combination.
---peer adds torchvision's stock Mask R-CNN (bench/peer.py) on the same data, split, input size and budget.
+--peer adds torchvision's stock Mask R-CNN (peer.py) on the same data, split, input size and budget.
 
 Scores (segm, pycocotools): AP50 at maxDets 100 (the leaderboard's), AP50 at maxDets 1000, AP@[.5:.95],
 per-class AP50, training seconds. Writes ablation.csv, ablation.md (a README-ready table) and ablation.png
@@ -27,39 +27,37 @@ import io
 import itertools
 import json
 import math
+import os
 import re
 import sys
 import time
 from pathlib import Path
 
+import matplotlib
 import torch
 
 import evaluate
 import infer
+import peer
 import train
-from dataset import TestDataset
-from utils import _parse_bool, atomic_write, load_checkpoint, save_json
+from dataset import DataError, TestDataset
+from model import PretrainedWeightsError
+from predict import load_model, predict_dataset, predict_options, to_records
+from utils import CheckpointError, _parse_bool, atomic_write, load_checkpoint, pick_device, save_json
 
-sys.path.append(str(Path(__file__).resolve().parent / "bench"))  # peer.py, after the repo's own modules
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-INFERENCE_ONLY = ("SCORE_THRESHOLD", "NMS_THRESHOLD", "DETECTIONS_PER_IMAGE", "MASK_THRESHOLD", "TTA", "TTA_SCALES",
-                  "TILE", "TILE_OVERLAP")
-NOT_VARIED = ("DATA_DIR", "RUN_DIR", "RESUME", "DEMO")
 SCORE_FIELDS = ["ap50", "ap50_maxdets1000", "ap", "ap50_class1", "ap50_class2", "ap50_class3", "ap50_class4",
                 "train_seconds", "epochs"]
 
 
 def constants():
-    """{NAME: default} of the constants --vary takes: train.py's (training) and infer.py's inference-only ones."""
-    training = {k: getattr(train, k) for k in train_constant_names() if k not in NOT_VARIED and k not in INFERENCE_ONLY}
-    inference = {k: getattr(infer, k) for k in INFERENCE_ONLY}
+    """{NAME: default} of the constants --vary takes: train.py's (but its "run" section, which ablate.py sets
+    itself) and infer.py's prediction constants (no retraining)."""
+    training = {name: getattr(train, name) for name, section, _ in train.CONFIG if section.split()[0] != "run"}
+    inference = {name: getattr(infer, name) for name in infer.PREDICTION}
     return training, inference
-
-
-def train_constant_names():
-    skip = ("DEMO_SETTINGS", "METRIC_FIELDS", "MAX_SKIPPED_STEPS", "AUTO_LR")
-    return [k for k, v in vars(train).items() if k.isupper() and k not in skip
-            and isinstance(v, (bool, int, float, str, list, dict))]
 
 
 def parse_vary(items):
@@ -113,7 +111,6 @@ def flags(assignment):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import os
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
@@ -127,17 +124,11 @@ def score(records, coco_gt, train_seconds, epochs):
 
 
 def score_ours(run_dir, data_dir, inference, device, coco_gt):
-    """Our checkpoint (best.pt) on the test images, with the given inference constants."""
-    cfg = {k: getattr(infer, k) for k in INFERENCE_ONLY}
-    cfg.update(inference)
-    checkpoint = run_dir / "best.pt"
-    model, ckpt = infer.load_model(checkpoint, device, cfg["SCORE_THRESHOLD"], cfg["NMS_THRESHOLD"],
-                                   cfg["DETECTIONS_PER_IMAGE"])
-    opts = infer.predict_options(ckpt["config"], 0.0, cfg["TTA"], cfg["TTA_SCALES"], cfg["TILE"], cfg["TILE_OVERLAP"],
-                                 cfg["NMS_THRESHOLD"], cfg["DETECTIONS_PER_IMAGE"])
-    dataset = TestDataset(data_dir)
-    raw = infer.raw_predictions(model, infer.in_order_loader(dataset), device, opts, lambda rec: rec["id"], desc="test")
-    records = infer.to_records(raw, cfg["MASK_THRESHOLD"])
+    """Our checkpoint (best.pt) on the test images, with infer.py's prediction constants but those given."""
+    settings = infer.prediction_settings(**inference)
+    model, ckpt = load_model(run_dir / "best.pt", device, settings)
+    raw = predict_dataset(model, TestDataset(data_dir), device, predict_options(ckpt["config"], settings), desc="test")
+    records = to_records(raw, settings["MASK_THRESHOLD"])
     state = load_checkpoint(run_dir / "last.pt")["state"]
     return score(records, coco_gt, state.get("train_seconds", float("nan")), state["epoch"])
 
@@ -170,9 +161,6 @@ def write_outputs(out, rows, varied_names, header):
                                          f"{r['train_seconds']:.0f}", str(r["epochs"])]) + " |")
     with atomic_write(out / "ablation.md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
     seen = set()
     for r in rows:
@@ -203,7 +191,7 @@ def main(argv=None):
     ap.add_argument("--vary", action="append", default=[], metavar="NAME=v1,v2", help="repeatable")
     ap.add_argument("--each", action="store_true", help="one training constant at a time against the shared "
                     "configuration (the 'base' row), instead of every combination")
-    ap.add_argument("--peer", action="store_true", help="add torchvision's stock Mask R-CNN (bench/peer.py)")
+    ap.add_argument("--peer", action="store_true", help="add torchvision's stock Mask R-CNN (peer.py)")
     ap.add_argument("--peer-backbone", default="", help="the peer's torchvision ResNet (default: ours' BACKBONE)")
     ap.add_argument("--minutes", type=float, default=0.0, help="training minutes per run (MAX_MINUTES)")
     args = ap.parse_args(own)
@@ -213,7 +201,7 @@ def main(argv=None):
     base = shared + ["--data-dir", str(data_dir)] + (["--max-minutes", str(args.minutes)] if args.minutes else [])
     cfg, _ = train.resolve_config(base + ["--run-dir", str(out / "_")])  # the shared configuration
     coco_gt = evaluate.test_ground_truth(data_dir)
-    device = infer.pick_device(cfg["DEVICE"])
+    device = pick_device(cfg["DEVICE"])
     train_axes = [(n, v) for n, v in varied if n in training]
     infer_axes = [(n, v) for n, v in varied if n in inference]
     if args.each:  # the levers one by one: base, then each value of each varied constant alone
@@ -253,7 +241,6 @@ def main(argv=None):
                          **{n.lower(): v for n, v in assignment}, **{n.lower(): v for n, v in inf}, **row})
         write_outputs(out, rows, [n for n, _ in varied], "")
     if args.peer:
-        import peer
         run_dir = out / "peer"
         path = run_dir / "score.json"
         print(f"[ablate] run {total}/{total}: peer ({'scored' if path.is_file() else 'training'})", flush=True)
@@ -279,9 +266,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from dataset import DataError
-    from model import PretrainedWeightsError
-    from utils import CheckpointError
     try:
         main()
     except (DataError, PretrainedWeightsError, FloatingPointError, CheckpointError, OSError) as e:

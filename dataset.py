@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from utils import NUM_CLASSES
+from utils import NUM_CLASSES, coco_dict
 
 MAX_EXACT_ID = 2**24  # label maps travel as float32 through augmentation: ids up to 2^24 stay exact
 
@@ -492,6 +492,5 @@ def make_demo_data(root, n_train=40, n_test=8, size_range=(96, 176), seed=0):
                          extrasamples=["unassalpha"])
         table.append({"file_name": name, "id": n + 1, "height": h, "width": w})
     (root / "test_image_name_to_ids.json").write_text(json.dumps(table, indent=1))
-    from evaluate import coco_ground_truth  # here, not at the top: evaluate imports this module
-    (root / "test_gt_coco.json").write_text(json.dumps(coco_ground_truth(truth).dataset))
+    (root / "test_gt_coco.json").write_text(json.dumps(coco_dict(truth)))
     return root

@@ -1,14 +1,14 @@
-"""Inference: a trained checkpoint -> test-results.json (COCO RLE), or --eval on the run's val split
-(scored by evaluate.py).
+"""Inference: a trained checkpoint -> test-results.json (COCO RLE), or --eval / --sweep on the run's val split.
 
     python infer.py                                  # newest runs/*/best.pt -> test-results.json
     python infer.py --checkpoint runs/x/best.pt --mask-threshold 0.45
     python infer.py --checkpoint runs/x/best.pt --eval true
-    python infer.py --checkpoint runs/x/best.pt --sweep --overlay 8   # threshold table + PNGs of the val split
+    python infer.py --checkpoint runs/x/best.pt --sweep true --overlay 8   # threshold table + PNGs of the val split
     python infer.py --overlay 8                      # submission + PNGs of its first 8 test images
-    python infer.py --tta flips+scales --scale 2                       # test-time augmentation, 2x input
+    python infer.py --tta flips+scales --input-scale 2                     # test-time augmentation, 2x input
 
-The checkpoint alone rebuilds the model: its saved configuration names the backbone and sizes.
+The checkpoint alone rebuilds the model: its saved configuration names the backbone and sizes. Predicting
+is predict.py's; scoring is evaluate.py's.
 """
 import json
 import math
@@ -18,49 +18,53 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
-import torch.nn.functional as F
-from pycocotools import mask as mask_utils
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
-from torchvision.models.detection.transform import resize_boxes
-from torchvision.ops import batched_nms, box_iou
-from tqdm import tqdm
 
-from dataset import DataError, TestDataset, collate, resize_factor, resize_image
-from model import build_model, load_weights, set_inference_params
+import evaluate
 import utils
-from utils import CheckpointError, apply_overrides, load_checkpoint, save_json
+from dataset import CellDataset, DataError, TestDataset
+from predict import load_model, predict_dataset, predict_options, to_records
+from utils import CheckpointError, apply_overrides, config_block, pick_device, save_json
 
-# ---- constants (each one can be overridden: --score-threshold 0.1, --eval true, ...) ----------
-CHECKPOINT = ""               # '' = the newest runs/*/best.pt
-DATA_DIR = ""                 # '' = the DATA_DIR the checkpoint was trained with
-OUTPUT_JSON = "test-results.json"
+# ---- config: prediction (train.py's validation predicts with these too, but VAL_DETECTIONS_PER_IMAGE)
 SCORE_THRESHOLD = 0.05        # keep detections scoring at least this
 NMS_THRESHOLD = 0.5           # per-class box NMS IoU
 DETECTIONS_PER_IMAGE = 1000   # at most this many detections per image
 MASK_THRESHOLD = 0.5          # mask probability above which a pixel is foreground
-SCALE = 0.0                   # input upscaling factor; 0 = as trained (the checkpoint's SCALE / MIN_SIZE rule)
-TTA = "none"                  # test-time augmentation: none | flips | flips+scales (fused, see fuse_detections)
-TTA_SCALES = [0.8, 1.25]      # extra input scales of flips+scales, relative to SCALE
+INPUT_SCALE = 0.0             # > 0: resize the input by this factor instead of the checkpoint's sizing rule (its
+                              # SCALE, or MIN_SIZE/MAX_SIZE); 0 = as trained
+TTA = "none"                  # test-time augmentation: none | flips | flips+scales (passes fused,
+                              # predict.fuse_detections)
+TTA_SCALES = [0.8, 1.25]      # extra input scales of flips+scales, relative to the input scale
 TILE = True                   # split an image whose input would pass MAX_SIZE into overlapping tiles
 TILE_OVERLAP = 128            # tile overlap in image pixels: cells up to this size are whole in some tile
+# ---- config: what to run
+CHECKPOINT = ""               # '' = the newest runs/*/best.pt
+DATA_DIR = ""                 # '' = the DATA_DIR the checkpoint was trained with
+OUTPUT_JSON = "test-results.json"  # the submission file (COCO RLE records)
 EVAL = False                  # true: score the checkpoint's val split instead of writing a submission
 SWEEP = False                 # true: AP50 on the val split over mask and score thresholds (one model pass)
 OVERLAY = 0                   # N > 0: PNGs of N images' predictions: val images beside their ground truth
                               # (with EVAL/SWEEP), else test images, in <OUTPUT_JSON stem>-overlays/
 DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ...
-NUM_WORKERS = 2
-# ------------------------------------------------------------------------------------------------
+NUM_WORKERS = 2               # data-loading processes
+# ---- end of config
+
+CONFIG = config_block(__file__)  # [(NAME, section, help)]
+PREDICTION = [name for name, section, _ in CONFIG if section.startswith("prediction")]
+SWEEP_MASK_THRESHOLDS = [round(0.3 + 0.05 * i, 2) for i in range(11)]  # 0.3 .. 0.8
+SWEEP_SCORE_THRESHOLDS = [0.05, 0.1, 0.2, 0.3, 0.5, 0.7]
+
+
+def prediction_settings(**overrides):
+    """The prediction constants above as a dict (what predict.py takes), with some replaced."""
+    unknown = set(overrides) - set(PREDICTION)
+    if unknown:
+        raise ValueError(f"not prediction settings: {sorted(unknown)}")
+    return {**{name: globals()[name] for name in PREDICTION}, **overrides}
 
 
 class SubmissionError(ValueError):
     pass
-
-
-def pick_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def newest_checkpoint(pattern="runs/*/best.pt"):
@@ -69,255 +73,6 @@ def newest_checkpoint(pattern="runs/*/best.pt"):
         raise FileNotFoundError(f"no checkpoint given and none found as {pattern}; "
                                 "pass --checkpoint path/to/best.pt")
     return found[-1]
-
-
-def load_model(checkpoint, device, score_threshold=SCORE_THRESHOLD, nms_threshold=NMS_THRESHOLD,
-               detections_per_image=DETECTIONS_PER_IMAGE):
-    """Rebuild the trained model from a checkpoint alone. Returns (model in eval mode, checkpoint)."""
-    ckpt = load_checkpoint(checkpoint)
-    model = build_model(ckpt["config"], load_pretrained=False)
-    load_weights(model, ckpt, checkpoint, averaged=True)  # a run with EMA: its averaged weights
-    set_inference_params(model, score_threshold, nms_threshold, detections_per_image)
-    return model.to(device).eval(), ckpt
-
-
-def paste_in_box(mask, box, im_h, im_w, threshold):
-    """One MxM mask probability map pasted into its box only, thresholded: (region bool, y0, x0).
-
-    The same arithmetic as torchvision's paste_mask_in_image (integer box after the 1-pixel
-    padding of expand_masks/expand_boxes, bilinear resize, clip to the image), so the pixels
-    equal the stock path's, without the full-size canvas."""
-    w = max(int(box[2] - box[0] + 1), 1)
-    h = max(int(box[3] - box[1] + 1), 1)
-    resized = F.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-    x0, x1 = max(int(box[0]), 0), min(int(box[2]) + 1, im_w)
-    y0, y1 = max(int(box[1]), 0), min(int(box[3]) + 1, im_h)
-    if x1 <= x0 or y1 <= y0:
-        return np.zeros((0, 0), bool), 0, 0
-    region = resized[y0 - int(box[1]):y1 - int(box[1]), x0 - int(box[0]):x1 - int(box[0])] > threshold
-    return region.cpu().numpy(), y0, x0
-
-
-def region_rle(region, y0, x0, height, width):
-    """COCO compressed RLE of a full HxW mask that is `region` at (y0, x0) and 0 elsewhere, built from
-    the region's runs alone (pycocotools encodes only full-size arrays)."""
-    if region.size == 0 or not region.any():
-        counts = [height * width]
-    else:
-        columns = np.pad(region.T, ((0, 0), (1, 1))).astype(np.int8)  # image columns (RLE is column-major)
-        step = np.diff(columns, axis=1)
-        cs, rs = np.nonzero(step == 1)
-        ce, re = np.nonzero(step == -1)
-        starts = (x0 + cs) * height + y0 + rs
-        ends = (x0 + ce) * height + y0 + re
-        joined = ends[:-1] == starts[1:]  # a run that ends a column and goes on at the next one's top
-        starts, ends = starts[np.r_[True, ~joined]], ends[np.r_[~joined, True]]
-        counts = np.empty(2 * len(starts) + 1, np.int64)
-        counts[0] = starts[0]
-        counts[2:-1:2] = starts[1:] - ends[:-1]
-        counts[1::2] = ends - starts
-        counts[-1] = height * width - ends[-1]
-        counts = counts.tolist()
-        if counts[-1] == 0:
-            counts.pop()
-    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
-    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
-
-
-def to_results(output, image_id, mask_threshold, image_size):
-    """One image's model output -> submission records (bbox xywh, RLE with str counts).
-
-    Each box-relative mask is pasted into its box region and encoded from there: memory grows with
-    the image, not with detections x image. A detection whose mask is empty after thresholding is
-    dropped: it could only be a false positive, and it would take one of the 100 detections per
-    image and class that the leaderboard counts."""
-    boxes = output["boxes"].detach().cpu()
-    if len(boxes) == 0:
-        return []
-    height, width = (int(v) for v in image_size)
-    probs = output["mask_probs"].detach().cpu().float()
-    probs, scale = expand_masks(probs, padding=1)
-    pasted_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
-    results = []
-    for prob, pbox, box, score, label in zip(probs[:, 0], pasted_boxes, boxes.tolist(), output["scores"].tolist(),
-                                             output["labels"].tolist()):
-        region, y0, x0 = paste_in_box(prob, pbox, height, width, mask_threshold)
-        if not region.any():
-            continue
-        x_min, y_min, x_max, y_max = box
-        results.append({"image_id": int(image_id), "bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
-                        "score": float(score), "category_id": int(label),
-                        "segmentation": region_rle(region, y0, x0, height, width)})
-    return results
-
-
-# ---- one image: the training's sizing rule, tiles, test-time augmentation ------------------------
-FIELDS = ("boxes", "scores", "labels", "mask_probs")
-
-
-def _cat(outputs):
-    return {k: torch.cat([o[k] for o in outputs]) for k in FIELDS}
-
-
-def _select(out, index):
-    return {k: out[k][index] for k in FIELDS}
-
-
-def forward_resized(model, image, factor):
-    """The model on one CxHxW image resized by `factor`; detections on the CPU, boxes in the image's pixels."""
-    x = resize_image(image, factor)
-    out = model([x])[0]
-    out = {k: out[k].detach().cpu() if k == "labels" else out[k].detach().float().cpu() for k in FIELDS}
-    out["boxes"] = resize_boxes(out["boxes"], x.shape[-2:], image.shape[-2:])
-    return out
-
-
-def tile_starts(length, tile, overlap):
-    """Offsets of evenly spread tiles of `tile` px that cover `length` px, neighbours sharing >= overlap px."""
-    if length <= tile:
-        return [0]
-    n = math.ceil((length - overlap) / (tile - overlap))
-    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
-
-
-def tile_cores(starts, tile):
-    """The stretch [lo, hi) each tile owns: overlaps split at their middle, the outer tiles own to infinity."""
-    cuts = [(starts[i + 1] + starts[i] + tile) / 2 for i in range(len(starts) - 1)]
-    return list(zip([-math.inf] + cuts, cuts + [math.inf]))
-
-
-def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit):
-    """Overlapping tiles of tile x tile image pixels, each resized by `factor`. A detection is kept by
-    the tile that owns its box centre, so a cell up to `overlap` px wide comes from a tile that holds it
-    whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice."""
-    overlap = min(overlap, tile // 2)
-    ys, xs = tile_starts(image.shape[-2], tile, overlap), tile_starts(image.shape[-1], tile, overlap)
-    parts = []
-    for y0, (ylo, yhi) in zip(ys, tile_cores(ys, tile)):
-        for x0, (xlo, xhi) in zip(xs, tile_cores(xs, tile)):
-            out = forward_resized(model, image[:, y0:y0 + tile, x0:x0 + tile], factor)
-            out["boxes"] += torch.tensor([x0, y0, x0, y0], dtype=out["boxes"].dtype)
-            cx = (out["boxes"][:, 0] + out["boxes"][:, 2]) / 2
-            cy = (out["boxes"][:, 1] + out["boxes"][:, 3]) / 2
-            parts.append(_select(out, (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)))
-    out = _cat(parts)
-    keep = batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)[:limit]
-    return _select(out, keep)
-
-
-def predict_image(model, image, opts, scale_mult=1.0):
-    """One CxHxW image of any size -> detections in its own pixels. The image is resized by the
-    training's rule (dataset.resize_factor with the run's MIN_SIZE/MAX_SIZE/SCALE) times scale_mult;
-    where that input would pass MAX_SIZE it is cut into overlapping tiles (opts['tile']), else shrunk to fit."""
-    min_size, max_size, scale = opts["sizing"]
-    h, w = image.shape[-2:]
-    factor = resize_factor(h, w, min_size, max_size, scale, cap=False) * scale_mult
-    if opts["tile"] and max(h, w) * factor > max_size * (1 + 1e-6):
-        return predict_tiled(model, image, factor, int(max_size / factor), opts["overlap"], opts["nms"], opts["limit"])
-    return forward_resized(model, image, min(factor, max_size / max(h, w)))
-
-
-def tta_passes(mode, scales):
-    """(flipped dims, scale multiplier) of each test-time pass."""
-    flips = [((), 1.0), ((-1,), 1.0), ((-2,), 1.0)]
-    passes = {"none": flips[:1], "flips": flips,
-              "flips+scales": flips + [((), float(s)) for s in scales if float(s) != 1.0]}
-    if mode not in passes:
-        raise ValueError(f"TTA {mode!r}: choose none, flips or flips+scales")
-    return passes[mode]
-
-
-def unflip(out, dims, height, width):
-    """Detections of a flipped image back in the image's frame (boxes mirrored, 28x28 masks flipped)."""
-    boxes, probs = out["boxes"].clone(), out["mask_probs"]
-    if -1 in dims:
-        boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
-        probs = probs.flip(-1)
-    if -2 in dims:
-        boxes[:, [1, 3]] = height - boxes[:, [3, 1]]
-        probs = probs.flip(-2)
-    return {**out, "boxes": boxes, "mask_probs": probs}
-
-
-def resample_masks(probs, src_boxes, dst_boxes):
-    """(N,M,M) box-relative mask probabilities over src_boxes, sampled on the MxM grid of dst_boxes."""
-    m = probs.shape[-1]
-    t = (torch.arange(m, dtype=probs.dtype) + 0.5) / m
-
-    def axis(lo, hi):  # destination cell centres in the source box's [-1, 1] (grid_sample, align_corners=False)
-        coords = dst_boxes[:, lo, None] + t * (dst_boxes[:, hi] - dst_boxes[:, lo])[:, None]
-        return 2 * (coords - src_boxes[:, lo, None]) / (src_boxes[:, hi] - src_boxes[:, lo]).clamp(min=1e-6)[:, None] - 1
-    gx, gy = axis(0, 2), axis(1, 3)
-    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
-    return F.grid_sample(probs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
-
-
-def fuse_detections(outputs, iou_threshold, limit):
-    """Merge the detections of several passes (weighted box and mask fusion; torchvision has only NMS).
-
-    A class-wise box NMS over all passes picks one representative per cell; every detection joins the
-    same-class representative it overlaps most (IoU > iou_threshold). A cell's box and 28x28 mask
-    probabilities are the score-weighted means of its members' (masks resampled into the fused box);
-    its score is the members' score sum over the number of passes, never above its best member's, so
-    a cell that one pass of three found scores a third."""
-    out = _cat(outputs)
-    if len(out["boxes"]) == 0:
-        return out
-    keep = batched_nms(out["boxes"], out["scores"], out["labels"], iou_threshold)[:limit]
-    iou = torch.nan_to_num(box_iou(out["boxes"][keep], out["boxes"]), nan=0.0)
-    iou[out["labels"][keep][:, None] != out["labels"][None]] = -1.0
-    iou[torch.arange(len(keep)), keep] = 2.0  # a representative is its own member, also a zero-area one
-    best, owner = iou.max(0)
-    member = best > iou_threshold
-    idx, w = owner[member], out["scores"][member]
-    k = len(keep)
-    wsum = torch.zeros(k).index_add_(0, idx, w)
-    boxes = torch.zeros(k, 4).index_add_(0, idx, w[:, None] * out["boxes"][member]) / wsum[:, None]
-    top = torch.zeros(k).scatter_reduce_(0, idx, w, "amax", include_self=False)
-    scores = torch.minimum(wsum / len(outputs), top)
-    probs = resample_masks(out["mask_probs"][member, 0], out["boxes"][member], boxes[idx])
-    masks = torch.zeros(k, *probs.shape[1:]).index_add_(0, idx, w[:, None, None] * probs) / wsum[:, None, None]
-    order = scores.argsort(descending=True)
-    return {"boxes": boxes[order], "scores": scores[order], "labels": out["labels"][keep][order],
-            "mask_probs": masks[order, None]}
-
-
-def predict_tta(model, image, opts):
-    """Detections of one image with the test-time augmentation of opts['tta'] (passes fused)."""
-    h, w = image.shape[-2:]
-    outs = [unflip(predict_image(model, image.flip(dims) if dims else image, opts, mult), dims, h, w)
-            for dims, mult in tta_passes(opts["tta"], opts["tta_scales"])]
-    return outs[0] if len(outs) == 1 else fuse_detections(outs, opts["nms"], opts["limit"])
-
-
-def predict_options(trained, scale=0.0, tta="none", tta_scales=TTA_SCALES, tile=TILE, overlap=TILE_OVERLAP,
-                    nms_threshold=NMS_THRESHOLD, detections_per_image=DETECTIONS_PER_IMAGE):
-    """How to predict, from a run's configuration (its sizing rule) and the inference constants."""
-    tta_passes(tta, tta_scales)  # refuse an unknown mode now, not after the first image
-    return {"sizing": (trained["MIN_SIZE"], trained["MAX_SIZE"], scale or trained.get("SCALE", 0.0)),
-            "tta": tta, "tta_scales": tta_scales, "tile": tile, "overlap": overlap, "nms": nms_threshold,
-            "limit": detections_per_image}
-
-
-@torch.no_grad()
-def raw_predictions(model, loader, device, opts, image_id_of, desc="predict"):
-    """Run the model over a loader of (images, targets-or-records): [(image id, (H, W), detections)]."""
-    model.eval()
-    raw = []
-    for images, metas in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        for image, meta in zip(images, metas):
-            raw.append((image_id_of(meta), tuple(image.shape[-2:]), predict_tta(model, image.to(device), opts)))
-    return raw
-
-
-def to_records(raw, mask_threshold):
-    return [r for image_id, size, out in raw for r in to_results(out, image_id, mask_threshold, size)]
-
-
-def in_order_loader(dataset, num_workers=0):
-    """One image at a time, in the dataset's order (validation and test)."""
-    return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate,
-                                       num_workers=num_workers)
 
 
 CLASS_COLOURS = {1: (230, 25, 75), 2: (60, 180, 75), 3: (0, 130, 200), 4: (255, 225, 25)}  # RGB
@@ -415,35 +170,78 @@ def write_submission(results, table, path):
     return path
 
 
-def main(argv=None):
-    ns = {k: v for k, v in globals().items() if k.isupper() and not k.startswith("CLASS_")}
-    cfg, _ = apply_overrides(ns, argv, description=__doc__)
-    device = pick_device(cfg["DEVICE"])
-    checkpoint = cfg["CHECKPOINT"] or newest_checkpoint()
-    model, ckpt = load_model(checkpoint, device, cfg["SCORE_THRESHOLD"], cfg["NMS_THRESHOLD"],
-                             cfg["DETECTIONS_PER_IMAGE"])
-    try:
-        opts = predict_options(ckpt["config"], cfg["SCALE"], cfg["TTA"], cfg["TTA_SCALES"], cfg["TILE"],
-                               cfg["TILE_OVERLAP"], cfg["NMS_THRESHOLD"], cfg["DETECTIONS_PER_IMAGE"])
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    data_dir = cfg["DATA_DIR"] or ckpt["config"]["DATA_DIR"]
-    min_size, max_size, scale = opts["sizing"]
-    print(f"checkpoint {checkpoint} (epoch {ckpt.get('epoch')}, backbone {ckpt['config']['BACKBONE']})"
-          + (f", heads {ckpt['config']['HEADS']}" if ckpt["config"].get("HEADS", "standard") != "standard" else "")
-          + (f", EMA weights (decay {ckpt['config']['EMA']:g})" if ckpt.get("ema") is not None else "")
-          + f", data {data_dir}, device {device}; input " + (f"x{scale:g}" if scale else f"MIN_SIZE {min_size}")
-          + f", at most {max_size} px a side" + (" (larger: tiles)" if opts["tile"] else "") + f", TTA {opts['tta']}")
+def sweep(raw, coco_gt, mask_thresholds=SWEEP_MASK_THRESHOLDS, score_thresholds=SWEEP_SCORE_THRESHOLDS):
+    """AP50 (maxDets 100) for every mask threshold x score threshold from one set of raw predictions:
+    {(mask_threshold, score_threshold): ap50}."""
+    table = {}
+    for mt in mask_thresholds:
+        records = to_records(raw, mt)
+        for st in score_thresholds:
+            table[(mt, st)] = evaluate.coco_evaluate(coco_gt, [r for r in records if r["score"] >= st])["ap50"]
+    return table
+
+
+def format_sweep(table):
+    mts = sorted({k[0] for k in table})
+    sts = sorted({k[1] for k in table})
+    best = max(table, key=table.get)
+    lines = ["AP50 (maxDets 100) by mask threshold (rows) and score threshold (columns)",
+             "mask \\ score " + "".join(f"{st:>8.2f}" for st in sts)]
+    for mt in mts:
+        lines.append(f"{mt:>12.2f} " + "".join(f"{table[(mt, st)]:>8.4f}" for st in sts))
+    lines.append(f"best: mask threshold {best[0]}, score threshold {best[1]} -> AP50 {table[best]:.4f}")
+    return "\n".join(lines)
+
+
+def print_metrics(metrics, n_images, n_detections):
+    print(f"val images {n_images}, detections {n_detections}\n"
+          f"  AP50 (leaderboard, maxDets 100) {metrics['ap50']:.4f}\n"
+          f"  AP50 (maxDets 1000)             {metrics['ap50_maxdets1000']:.4f}\n"
+          f"  AP@[.5:.95]                     {metrics['ap']:.4f}\n"
+          f"  per-class AP50                  "
+          + "  ".join(f"{k}: {v:.3f}" for k, v in metrics["per_class_ap50"].items()) + "\n"
+          f"  accuracy@0.5 TP/(TP+FP+FN)      {metrics['accuracy']:.4f} (TP {metrics['tp']}, FP {metrics['fp']}, "
+          f"FN {metrics['fn']}; score >= 0.5)")
+
+
+def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
+    """--eval / --sweep (and their --overlay): one pass of the model over the checkpoint's val split."""
+    if not ckpt.get("val_ids"):
+        raise SystemExit(f"{checkpoint} has no validation split to evaluate (trained with VAL_FRACTION 0)")
+    dataset = CellDataset(data_dir, ckpt["val_ids"], train=False)
+    coco_gt = evaluate.val_ground_truth(dataset)
+    raw = predict_dataset(model, dataset, device, opts, cfg["NUM_WORKERS"], desc="validate")
+    results = to_records(raw, cfg["MASK_THRESHOLD"])
+    metrics = evaluate.coco_evaluate(coco_gt, results, max_dets=100)
+    metrics["ap50_maxdets1000"] = evaluate.coco_evaluate(coco_gt, results, max_dets=1000)["ap50"]
+    metrics.update(evaluate.matching_accuracy(coco_gt, results))
+    print_metrics(metrics, len(dataset), len(results))
+    out_dir = Path(checkpoint).parent
+    if cfg["SWEEP"]:
+        table = sweep(raw, coco_gt, sorted({*SWEEP_MASK_THRESHOLDS, cfg["MASK_THRESHOLD"]}),
+                      sorted({*SWEEP_SCORE_THRESHOLDS, cfg["SCORE_THRESHOLD"]}))
+        print(format_sweep(table))
+        lines = ["mask_threshold,score_threshold,ap50"] + [f"{m},{s},{v:.6f}" for (m, s), v in sorted(table.items())]
+        with utils.atomic_write(out_dir / "sweep.csv", "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {out_dir / 'sweep.csv'}")
+        metrics["sweep"] = table
+    if cfg["OVERLAY"] > 0:
+        paths = write_overlays(dataset, results, out_dir / "overlays", cfg["OVERLAY"])
+        print(f"wrote {len(paths)} overlay(s) to {out_dir / 'overlays'} (left: ground truth, right: predictions "
+              "scoring >= 0.5; class 1 red, 2 green, 3 blue, 4 yellow)")
+        metrics["overlays"] = paths
+    return metrics
+
+
+def predict_test_set(cfg, model, data_dir, device, opts):
+    """The submission: every image of the test-id table -> cfg OUTPUT_JSON (checked before and after writing)."""
     t0 = time.time()
-    if cfg["EVAL"] or cfg["SWEEP"]:
-        import evaluate  # scoring lives in evaluate.py, which imports this module
-        return evaluate.run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts)
     dataset = TestDataset(data_dir)
     if dataset.unlisted:
         print(f"warning: {len(dataset.unlisted)} file(s) in {dataset.dir} are not in the id table and are "
               f"skipped, e.g. {dataset.unlisted[0]}", file=sys.stderr)
-    raw = raw_predictions(model, in_order_loader(dataset, cfg["NUM_WORKERS"]), device, opts, lambda rec: rec["id"],
-                          desc="test")
+    raw = predict_dataset(model, dataset, device, opts, cfg["NUM_WORKERS"], desc="test")
     results = to_records(raw, cfg["MASK_THRESHOLD"])
     write_submission(results, dataset.table, cfg["OUTPUT_JSON"])
     dropped = sum(len(out["boxes"]) for _, _, out in raw) - len(results)
@@ -461,6 +259,29 @@ def main(argv=None):
         print(f"warning: skipped {len(dataset.unlisted)} unlisted file(s) in {dataset.dir}: "
               + ", ".join(dataset.unlisted[:5]) + (" ..." if len(dataset.unlisted) > 5 else ""), file=sys.stderr)
     return cfg["OUTPUT_JSON"]
+
+
+def main(argv=None):
+    cfg, _ = apply_overrides(globals(), CONFIG, argv, description=__doc__)
+    device = pick_device(cfg["DEVICE"])
+    checkpoint = cfg["CHECKPOINT"] or newest_checkpoint()
+    settings = {name: cfg[name] for name in PREDICTION}
+    model, ckpt = load_model(checkpoint, device, settings)
+    try:
+        opts = predict_options(ckpt["config"], settings)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    data_dir = cfg["DATA_DIR"] or ckpt["config"]["DATA_DIR"]
+    min_size, max_size, scale = opts["sizing"]
+    trained = ckpt["config"]
+    print(f"checkpoint {checkpoint} (epoch {ckpt.get('epoch')}, backbone {trained['BACKBONE']})"
+          + (f", heads {trained['HEADS']}" if trained["HEADS"] != "standard" else "")
+          + (f", EMA weights (decay {trained['EMA']:g})" if ckpt.get("ema") is not None else "")
+          + f", data {data_dir}, device {device}; input " + (f"x{scale:g}" if scale else f"MIN_SIZE {min_size}")
+          + f", at most {max_size} px a side" + (" (larger: tiles)" if opts["tile"] else "") + f", TTA {opts['tta']}")
+    if cfg["EVAL"] or cfg["SWEEP"]:
+        return run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts)
+    return predict_test_set(cfg, model, data_dir, device, opts)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,12 @@ another scale, so its weight CIOU_WEIGHT is our own (see README, Losses). Every 
 computed and logged; LOSS_WEIGHTS ({term: weight}) overrides a preset's weights, e.g.
 '{"loss_box_ciou": 5}'.
 
-The plug-in keeps torchvision's code: `LossRoIHeads` is torchvision's RoIHeads whose forward,
-in training only, swaps torchvision's two loss functions (`fastrcnn_loss`, `maskrcnn_loss`) for
-ours for the duration of the call (with `stock`, only the memory-lean mask-target projection). Proposals, sampling, heads, inference and the state_dict
-keys are torchvision's, so checkpoints load under any preset.
+Pure functions of tensors: the RoI heads (heads.py) call box_losses and mask_losses with what they
+sampled; with `stock` these equal torchvision's fastrcnn_loss and maskrcnn_loss (tested), but for the
+memory-lean mask-target projection below.
 """
-import contextlib
-
 import torch
 import torch.nn.functional as F
-from torchvision.models.detection import roi_heads as tv_roi_heads
-from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import complete_box_iou_loss, roi_align
 
 LOSS_TERMS = ("loss_classifier", "loss_box_reg", "loss_box_ciou", "loss_mask", "loss_dice", "loss_boundary",
@@ -176,82 +171,11 @@ def mask_losses(mask_logits, mask_proposals, gt_masks, gt_labels, mask_matched_i
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# the plug-in
-class LossRoIHeads(RoIHeads):
-    """torchvision RoIHeads computing the preset's box and mask losses (training only). With the
-    stock preset only the mask-target projection is swapped (for the lean one above)."""
-
-    preset = "stock"
-    loss_classification = "ce"
-
-    def forward(self, features, proposals, image_shapes, targets=None):
-        if not self.training:
-            return super().forward(features, proposals, image_shapes, targets)
-        if self.preset == "stock":
-            with _patched(tv_roi_heads, project_masks_on_boxes=project_masks_on_boxes):
-                return super().forward(features, proposals, image_shapes, targets)
-        extra = {}
-        box_coder = self.box_coder
-        classification = self.loss_classification
-        sampled = {}
-
-        def select_training_samples(proposals, targets):  # keep the sampled proposals for decoding
-            out = RoIHeads.select_training_samples(self, proposals, targets)
-            sampled["proposals"] = out[0]
-            return out
-
-        def fastrcnn_loss(class_logits, box_regression, labels, regression_targets):
-            labels = torch.cat(labels, 0)
-            pos = torch.where(labels > 0)[0]
-            deltas = box_regression.reshape(len(labels), -1, 4)[pos, labels[pos]]  # the ground-truth class's
-            terms = box_losses(class_logits, deltas, labels, torch.cat(regression_targets, 0)[pos],
-                               torch.cat(sampled["proposals"], 0)[pos], box_coder, classification)
-            extra["loss_box_ciou"] = terms["loss_box_ciou"]
-            return terms["loss_classifier"], terms["loss_box_reg"]
-
-        def maskrcnn_loss(mask_logits, mask_proposals, gt_masks, gt_labels, mask_matched_idxs):
-            terms = mask_losses(mask_logits, mask_proposals, gt_masks, gt_labels, mask_matched_idxs, extra_terms=True)
-            extra["loss_dice"], extra["loss_boundary"] = terms["loss_dice"], terms["loss_boundary"]
-            return terms["loss_mask"]
-
-        with _patched(tv_roi_heads, fastrcnn_loss=fastrcnn_loss, maskrcnn_loss=maskrcnn_loss), \
-                _patched(self, select_training_samples=select_training_samples):
-            result, losses = super().forward(features, proposals, image_shapes, targets)
-        if "loss_mask" in losses and "loss_dice" not in extra:  # no positive RoI in the batch
-            extra["loss_dice"] = extra["loss_boundary"] = losses["loss_mask"] * 0
-        losses.update(extra)
-        return result, losses
-
-
-@contextlib.contextmanager
-def _patched(obj, **attrs):
-    """Temporarily set attributes (module functions or instance methods) for one forward call."""
-    old = {k: obj.__dict__.get(k, _MISSING) for k in attrs}
-    try:
-        for k, v in attrs.items():
-            setattr(obj, k, v)
-        yield
-    finally:
-        for k, v in old.items():
-            if v is _MISSING:
-                delattr(obj, k)
-            else:
-                setattr(obj, k, v)
-
-
-_MISSING = object()
-
-
-def configure_losses(model, preset="stock"):
-    """Install the preset's losses in a torchvision MaskRCNN (stock: torchvision's own heads)."""
+def classification(preset):
+    """The classification loss of a preset: 'ce' or 'focal'."""
     if preset not in PRESETS:
         raise ValueError(f"LOSSES={preset!r} is not a known preset; choose one of {', '.join(PRESETS)}")
-    if not isinstance(model.roi_heads, LossRoIHeads):  # the cascade heads (cascade.py) are LossRoIHeads already
-        model.roi_heads.__class__ = LossRoIHeads
-    model.roi_heads.preset = preset
-    model.roi_heads.loss_classification = PRESETS[preset][0]
-    return model
+    return PRESETS[preset][0]
 
 
 def preset_weights(preset, overrides=None):

@@ -15,7 +15,7 @@ from torch import nn
 from torchvision.models import resnet50
 from torchvision.models.detection import MaskRCNN, MaskRCNN_ResNet50_FPN_V2_Weights
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection._utils import Matcher
@@ -24,14 +24,14 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from cascade import CascadeRoIHeads
-from losses import configure_losses
+from heads import CascadeRoIHeads, PresetRoIHeads
 from utils import NUM_CLASSES, CheckpointError
 
 ANCHOR_SIZES = ((4, 8), (16, 32), (32, 64), (64, 128), (128, 256))  # one pair per FPN level P2..P6
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-FPN_CHANNELS = 256
-HEADS = ("standard", "cascade")  # HEADS: torchvision's box head, or Cascade R-CNN's three stages (cascade.py)
+COCO_FPN_CHANNELS = 256  # the width of torchvision's COCO model
+HEAD_CLASSES = {"standard": PresetRoIHeads, "cascade": CascadeRoIHeads}  # HEADS -> the RoI heads class (heads.py)
+REPRESENTATION_SIZE = 1024  # the box head's output features (torchvision's TwoMLPHead and the COCO head)
 
 
 def freeze_batchnorm(module):
@@ -71,9 +71,9 @@ def freeze_bn_setting(cfg):
     batch-1 statistics would be noise. It keeps BatchNorm live where the backbone starts from random
     values: frozen there, BatchNorm would stay at its initial values for ever, and timm zero-initialises
     the last BatchNorm of every residual block, so every residual branch would output zero.
-    true/false force it. A configuration without FREEZE_BN (older checkpoints) meant true."""
-    setting = parse_freeze_bn(cfg.get("FREEZE_BN", True))
-    pretrained = bool(cfg.get("PRETRAINED") or cfg.get("PRETRAINED_WEIGHTS"))
+    true/false force it."""
+    setting = parse_freeze_bn(cfg["FREEZE_BN"])
+    pretrained = bool(cfg["PRETRAINED"] or cfg["PRETRAINED_WEIGHTS"])
     if setting != "auto":
         return setting, f"FREEZE_BN {str(setting).lower()}"
     if pretrained:
@@ -115,7 +115,7 @@ def create_timm_features(name, pretrained=False, pretrained_weights=""):
 class TimmFPN(nn.Module):
     """timm features (4 levels) -> FPN with a max-pool P6; returns {'0','1','2','3','pool'}."""
 
-    def __init__(self, body, out_channels=FPN_CHANNELS):
+    def __init__(self, body, out_channels):
         super().__init__()
         self.body = body
         self.fpn = FeaturePyramidNetwork(body.feature_info.channels(), out_channels, extra_blocks=LastLevelMaxPool())
@@ -240,23 +240,23 @@ ANCHOR_LAYERS = ("rpn.head.cls_logits.", "rpn.head.bbox_pred.")  # fresh where t
 
 
 def coco_parts(cfg, num_anchors):
-    """(backbone, MaskRCNN head arguments) of maskrcnn_resnet50_fpn_v2, random and with live BatchNorm.
+    """(backbone, RPN head, box head, mask head) of maskrcnn_resnet50_fpn_v2, random and with live BatchNorm.
     Every layer trains: torchvision's builder with weights trains only the last 3 backbone stages, we
     train all, like the timm path."""
-    if cfg.get("FPN_CHANNELS", FPN_CHANNELS) != FPN_CHANNELS:
-        raise ValueError(f"{COCO_MODEL} has {FPN_CHANNELS} FPN channels, not FPN_CHANNELS={cfg['FPN_CHANNELS']}")
+    if cfg["FPN_CHANNELS"] != COCO_FPN_CHANNELS:
+        raise ValueError(f"{COCO_MODEL} has {COCO_FPN_CHANNELS} FPN channels, not FPN_CHANNELS={cfg['FPN_CHANNELS']}")
     backbone = BackboneWithFPN(resnet50(), {f"layer{i + 1}": str(i) for i in range(4)}, [256, 512, 1024, 2048],
-                               FPN_CHANNELS, extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
+                               COCO_FPN_CHANNELS, extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
     c = backbone.out_channels
-    return backbone, dict(rpn_head=RPNHead(c, num_anchors, conv_depth=2),
-                          box_head=FastRCNNConvFCHead((c, 7, 7), [256] * 4, [1024], norm_layer=nn.BatchNorm2d),
-                          mask_head=MaskRCNNHeads(c, [256] * 4, 1, norm_layer=nn.BatchNorm2d))
+    return (backbone, Float32RPNHead(c, num_anchors, conv_depth=2),
+            FastRCNNConvFCHead((c, 7, 7), [256] * 4, [REPRESENTATION_SIZE], norm_layer=nn.BatchNorm2d),
+            MaskRCNNHeads(c, [256] * 4, 1, norm_layer=nn.BatchNorm2d))
 
 
 def coco_state_dict(cfg):
     """(state_dict, where from): PRETRAINED_WEIGHTS (a local .pth) wins over torchvision's hub. A failure
     stops with advice and never falls back to random weights."""
-    if cfg.get("PRETRAINED_WEIGHTS"):
+    if cfg["PRETRAINED_WEIGHTS"]:
         path = Path(cfg["PRETRAINED_WEIGHTS"])
         if not path.is_file():
             raise PretrainedWeightsError(f"PRETRAINED_WEIGHTS file {path} does not exist")
@@ -313,70 +313,74 @@ def load_coco_weights(model, state, source):
     return f"loaded {len(take)} tensors from {source}; re-initialised: {', '.join(fresh)}"
 
 
-def start_coco_model(model, cfg, load_pretrained):
-    """The COCO model's weights (PRETRAINED / PRETRAINED_WEIGHTS), then FREEZE_BN on the ResNet body only,
-    where torchvision's v1 builder puts FrozenBatchNorm2d: the FPN and head BatchNorms stay live (the heads
-    see hundreds of RoIs a step). load_pretrained=False (a checkpoint follows) loads nothing."""
-    model.pretrained_report = None
-    if load_pretrained and (cfg.get("PRETRAINED") or cfg.get("PRETRAINED_WEIGHTS")):
-        model.pretrained_report = load_coco_weights(model, *coco_state_dict(cfg))
-        if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
-            print(f"{COCO_MODEL}: {model.pretrained_report}")
+def timm_parts(cfg, num_anchors, load_pretrained):
+    """(backbone, RPN head, box head, mask head, timm's data config) of the recipe: a timm backbone (its
+    pretrained weights where asked; FREEZE_BN) with an FPN, torchvision's RPN head, two-layer box head and
+    four-conv mask head."""
+    body = create_timm_features(cfg["BACKBONE"], pretrained=load_pretrained and cfg["PRETRAINED"],
+                                pretrained_weights=cfg["PRETRAINED_WEIGHTS"] if load_pretrained else "")
     if freeze_bn_setting(cfg)[0]:
-        model.backbone.body = freeze_batchnorm(model.backbone.body)
-    return model
+        body = freeze_batchnorm(body)
+    c = cfg["FPN_CHANNELS"]
+    return (TimmFPN(body, c), Float32RPNHead(c, num_anchors), TwoMLPHead(c * 7 * 7, REPRESENTATION_SIZE),
+            MaskRCNNHeads(c, [256] * 4, 1), body.pretrained_cfg)
 
 
 def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0.5, detections_per_image=1000):
-    """MaskRCNN from a run configuration (the UPPER_CASE constants of train.py).
+    """The Mask R-CNN of a run configuration (train.py's constants), built in this one place:
 
-    load_pretrained=False builds the same architecture without fetching weights (infer.py loads a
-    checkpoint over it).
+        MaskRCNN (torchvision)
+          .transform   BoxMaskTransform: normalise with the backbone's mean/std, no resizing, box-relative masks
+          .backbone    TimmFPN (timm features_only + FPN), or torchvision's ResNet-50 FPN for COCO_MODEL
+          .rpn         torchvision's RPN with Float32AnchorGenerator (the report's anchors), Float32RPNHead,
+                       ChunkedMatcher (ground truth x anchor IoU a block of anchors at a time)
+          .roi_heads   HEADS "standard": heads.PresetRoIHeads, "cascade": heads.CascadeRoIHeads, either with
+                       the LOSSES preset; box RoIAlign 7 (sampling 2), Float32BoxPredictor, mask RoIAlign 14
+                       (sampling 4), four-conv mask head, Float32MaskPredictor
+
+    MaskRCNN's constructor takes the parts it has arguments for; the transform and the RoI heads, for which
+    it has none, replace the ones it made. load_pretrained=False builds the same architecture without
+    fetching weights (a checkpoint is loaded over it).
     """
     anchors = Float32AnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES))
     coco = cfg["BACKBONE"] == COCO_MODEL
     if coco:  # torchvision's COCO Mask R-CNN v2 (its weights load once it is whole, below)
-        backbone, parts = coco_parts(cfg, anchors.num_anchors_per_location()[0])
+        backbone, rpn_head, box_head, mask_head = coco_parts(cfg, anchors.num_anchors_per_location()[0])
         data_cfg = {}  # ImageNet mean/std below: what torchvision's COCO weights expect
     else:
-        body = create_timm_features(cfg["BACKBONE"],
-                                    pretrained=load_pretrained and cfg.get("PRETRAINED", False),
-                                    pretrained_weights=cfg.get("PRETRAINED_WEIGHTS", "") if load_pretrained else "")
-        if freeze_bn_setting(cfg)[0]:
-            body = freeze_batchnorm(body)
-        backbone, parts = TimmFPN(body, cfg.get("FPN_CHANNELS", FPN_CHANNELS)), {}
-        data_cfg = body.pretrained_cfg
+        backbone, rpn_head, box_head, mask_head, data_cfg = timm_parts(cfg, anchors.num_anchors_per_location()[0],
+                                                                       load_pretrained)
+    classes = NUM_CLASSES + 1
     model = MaskRCNN(
-        backbone,
-        num_classes=NUM_CLASSES + 1,
-        min_size=cfg["MIN_SIZE"], max_size=cfg["MAX_SIZE"],
-        image_mean=list(data_cfg.get("mean", (0.485, 0.456, 0.406))),
-        image_std=list(data_cfg.get("std", (0.229, 0.224, 0.225))),
-        rpn_anchor_generator=anchors,
+        backbone, num_classes=None,
+        rpn_anchor_generator=anchors, rpn_head=rpn_head,
         box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
+        box_head=box_head, box_predictor=Float32BoxPredictor(REPRESENTATION_SIZE, classes),
         mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=4),
-        box_score_thresh=score_threshold, box_nms_thresh=nms_threshold,
-        box_detections_per_img=detections_per_image,
-        box_batch_size_per_image=cfg.get("ROI_BATCH_SIZE", 512),
-        **parts,
-    )
-    if coco:
-        start_coco_model(model, cfg, load_pretrained)
-    model.transform.__class__ = BoxMaskTransform
-    model.rpn.head.__class__ = Float32RPNHead
-    model.roi_heads.box_predictor.__class__ = Float32BoxPredictor
-    model.roi_heads.mask_predictor.__class__ = Float32MaskPredictor
+        mask_head=mask_head, mask_predictor=Float32MaskPredictor(256, 256, classes),
+        box_score_thresh=score_threshold, box_nms_thresh=nms_threshold, box_detections_per_img=detections_per_image,
+        box_batch_size_per_image=cfg["ROI_BATCH_SIZE"])
+    model.transform = BoxMaskTransform(cfg["MIN_SIZE"], cfg["MAX_SIZE"],
+                                       image_mean=list(data_cfg.get("mean", (0.485, 0.456, 0.406))),
+                                       image_std=list(data_cfg.get("std", (0.229, 0.224, 0.225))))
     stock = model.rpn.proposal_matcher
     model.rpn.box_similarity = BoxPair
     model.rpn.proposal_matcher = ChunkedMatcher(stock.high_threshold, stock.low_threshold,
                                                 stock.allow_low_quality_matches)
-    heads = cfg.get("HEADS", "standard")
-    if heads not in HEADS:
-        raise ValueError(f"HEADS={heads!r}: choose one of {', '.join(HEADS)}")
-    if heads == "cascade":
-        # a COCO box head (loaded above) starts every stage; a random one is drawn anew per stage
-        CascadeRoIHeads.from_standard(model.roi_heads, copy_weights=getattr(model, "pretrained_report", None) is not None)
-    return configure_losses(model, cfg.get("LOSSES", "stock"))
+    model.pretrained_report = None  # what a COCO start loaded, for the run log
+    if coco and load_pretrained and (cfg["PRETRAINED"] or cfg["PRETRAINED_WEIGHTS"]):
+        model.pretrained_report = load_coco_weights(model, *coco_state_dict(cfg))
+        if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
+            print(f"{COCO_MODEL}: {model.pretrained_report}")
+    if coco and freeze_bn_setting(cfg)[0]:  # the ResNet body only, where torchvision's v1 builder freezes it
+        model.backbone.body = freeze_batchnorm(model.backbone.body)
+    if cfg["HEADS"] not in HEAD_CLASSES:
+        raise ValueError(f"HEADS={cfg['HEADS']!r}: choose one of {', '.join(HEAD_CLASSES)}")
+    options = {"preset": cfg["LOSSES"]}
+    if cfg["HEADS"] == "cascade":  # a COCO box head (loaded above) starts every stage; a random one is drawn anew
+        options["copy_weights"] = model.pretrained_report is not None
+    model.roi_heads = HEAD_CLASSES[cfg["HEADS"]].from_torchvision(model.roi_heads, **options)
+    return model
 
 
 def load_weights(model, ckpt, path="checkpoint", averaged=False):
@@ -384,8 +388,7 @@ def load_weights(model, ckpt, path="checkpoint", averaged=False):
     with a message that says which and why. averaged: the EMA weights where the run kept them (what
     validation scored and infer.py predicts with), else the trained weights."""
     state = ckpt.get("ema") if averaged and ckpt.get("ema") is not None else ckpt["model"]
-    trained = ckpt.get("config", {}).get("BACKBONE")
-    heads = ckpt.get("config", {}).get("HEADS", "standard")
+    trained, heads = ckpt["config"].get("BACKBONE"), ckpt["config"].get("HEADS")  # for the message below
     cls = state.get("roi_heads.box_predictor.cls_score.weight", state.get("roi_heads.box_predictors.0.cls_score.weight"))
     if cls is not None and cls.shape[0] != NUM_CLASSES + 1:
         raise CheckpointError(f"{path} predicts {cls.shape[0] - 1} classes, this model {NUM_CLASSES}: "

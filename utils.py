@@ -1,15 +1,19 @@
-"""Shared helpers: command-line overrides of constants, seeding, atomic checkpoint and JSON I/O,
-COCO RLE encoding (the leaderboard's COCO evaluation is in evaluate.py).
+"""Shared helpers: the config block of a script and its command-line overrides, seeding, atomic checkpoint
+and JSON I/O, COCO RLE encoding and ground-truth dicts (the leaderboard's COCO evaluation is in evaluate.py).
 
 Everything here is small glue around argparse, torch.save, pycocotools and json.
 """
 import argparse
+import ast
 import contextlib
+import io
 import json
 import os
 import random
 import sys
 import tempfile
+import tokenize
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,42 +47,85 @@ def _parse_float(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-def config_names(namespace):
-    """The UPPER_CASE constants of a script's globals, in definition order."""
-    return [k for k, v in namespace.items()
-            if k.isupper() and not k.startswith("_") and isinstance(v, (bool, int, float, str, list, dict, type(None)))]
+CONFIG_MARK = "# ---- config"  # "# ---- config: <section>" opens a section of constants, "# ---- end of config" closes
 
 
-def apply_overrides(namespace, argv=None, description=None):
-    """Override the UPPER_CASE constants in `namespace` (a module's globals()) from the command line.
+def config_block(path):
+    """The constants of a script's config block: [(NAME, section, help)] in order of definition.
+
+    The block runs from the first "# ---- config: <section>" line to "# ---- end of config"; each such
+    line opens a section. A constant's help is its trailing comment plus the indented comment lines
+    that follow it, so the comment beside a constant is what `--help` shows. Names outside the block
+    (helpers, tables) are not configuration."""
+    source = Path(path).read_text()
+    comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    lines = source.splitlines()
+    sections, section, end = {}, None, None
+    for n, line in enumerate(lines, start=1):
+        if line.startswith(CONFIG_MARK + ":"):
+            section = line[len(CONFIG_MARK) + 1:].strip(" -")
+            sections[n] = section
+        elif line.startswith("# ---- end of config"):
+            end = n
+            break
+    if not sections or end is None:
+        raise ValueError(f"{path}: no config block ('{CONFIG_MARK}: <section>' ... '# ---- end of config')")
+    out = []
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and min(sections) < node.lineno < end and len(node.targets) == 1
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper()):
+            continue
+        text = [c for n, (_, c) in comments.items() if node.lineno <= n <= node.end_lineno]
+        n = node.end_lineno + 1
+        while n in comments and comments[n][0] > 0 and lines[n - 1].lstrip().startswith("#"):
+            text.append(comments[n][1])  # an indented comment line goes on with the constant's comment
+            n += 1
+        section = sections[max(k for k in sections if k < node.lineno)]
+        out.append((node.targets[0].id, section, " ".join(text)))
+    return out
+
+
+def apply_overrides(namespace, block, argv=None, description=None):
+    """Override the constants of a config block (config_block's list) in `namespace` (a module's
+    globals()) from the command line.
 
     `--epochs 3` sets EPOCHS = 3, with the type taken from the constant's default: booleans take
-    true/false (a bare `--resume` means true), lists and dicts take JSON, None takes a string.
-    Returns (config dict of all constants, set of names given on the command line).
+    true/false (a bare `--resume` means true), lists and dicts take JSON. `--help` lists them by
+    section with each one's comment and default.
+    Returns (config dict of the block's constants, set of names given on the command line).
     """
-    names = config_names(namespace)
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in names:
+    groups = {}
+    for name, section, text in block:
         default = namespace[name]
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(section))
         flag = "--" + name.lower().replace("_", "-")
-        common = dict(default=default, dest=name, help="default: %(default)s")
+        shown = json.dumps(default) if isinstance(default, (list, dict)) else repr(default)
+        common = dict(default=default, dest=name, help=f"{text} [default: {shown}]".replace("%", "%%").strip())
         if isinstance(default, bool):
-            parser.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="true|false", **common)
+            group.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="true|false", **common)
         elif isinstance(default, int):
-            parser.add_argument(flag, type=int, **common)
+            group.add_argument(flag, type=int, **common)
         elif isinstance(default, float):
-            parser.add_argument(flag, type=_parse_float, **common)
+            group.add_argument(flag, type=_parse_float, **common)
         elif isinstance(default, (list, dict)):
-            parser.add_argument(flag, type=_parse_json, metavar="JSON", **common)
+            group.add_argument(flag, type=_parse_json, metavar="JSON", **common)
         else:
-            parser.add_argument(flag, type=str, **common)
+            group.add_argument(flag, type=str, **common)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
-    for name in names:
-        namespace[name] = getattr(args, name)
+    names = [name for name, _, _ in block]
     given = {t[2:].split("=", 1)[0].replace("-", "_").upper() for t in argv if t.startswith("--")}
-    return {name: namespace[name] for name in names}, given
+    return {name: getattr(args, name) for name in names}, given & set(names)
+
+
+def pick_device(name):
+    """DEVICE: 'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ..."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,6 +216,14 @@ class CheckpointError(RuntimeError):
     pass
 
 
+# What a run written before a constant existed did without it: its checkpoint's config lacks the key, and
+# this is the value that run trained with (FREEZE_BN: frozen was the only behaviour before the constant).
+# Filled in by load_checkpoint, the one place an old checkpoint is read.
+CONFIG_BEFORE_IT_EXISTED = dict(PRETRAINED_WEIGHTS="", FREEZE_BN=True, FPN_CHANNELS=256, ROI_BATCH_SIZE=512,
+                                HEADS="standard", LOSSES="stock", SCALE=0.0, SCALE_JITTER=[1.0, 1.0], STAIN_AUG=0.0,
+                                EMA=0.0)
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Load a checkpoint written by train.py, with an error that names the file and the problem."""
     path = os.fspath(path)
@@ -180,6 +235,7 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a torch checkpoint): {e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"checkpoint {path} was not written by train.py (no 'model'/'config' entries)")
+    ckpt["config"] = {**CONFIG_BEFORE_IT_EXISTED, **ckpt["config"]}
     return ckpt
 
 
@@ -190,6 +246,22 @@ def encode_mask(mask):
     rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
+
+
+def coco_dict(images):
+    """COCO ground truth as a dict from [{'id', 'height', 'width', 'masks' (N,H,W), 'labels' (N,)}]:
+    one annotation per mask (RLE, area, bbox), categories 1..NUM_CLASSES."""
+    out = {"images": [], "annotations": [],
+           "categories": [{"id": k, "name": f"class{k}"} for k in range(1, NUM_CLASSES + 1)]}
+    for im in images:
+        out["images"].append({"id": int(im["id"]), "height": int(im["height"]), "width": int(im["width"])})
+        for mask, label in zip(im["masks"], im["labels"]):
+            rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+            out["annotations"].append({
+                "id": len(out["annotations"]) + 1, "image_id": int(im["id"]), "category_id": int(label), "iscrowd": 0,
+                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
+                "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
+    return out
 
 
 def decode_mask(rle):

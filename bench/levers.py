@@ -1,19 +1,20 @@
 """Training cost of each lever per step: the recipe, then HEADS cascade, EMA, SCALE_JITTER, STAIN_AUG and the
 COCO-start architecture, each alone, on the same realistic images (the real HW3 geometry, painted), with
-torchvision's stock Mask R-CNN (bench/peer.py) measured last in the same run.
+torchvision's stock Mask R-CNN (peer.py) measured last in the same run.
 
-    python bench/levers.py                                  # CPU: resnet18, 384/512 px (as the README's ablation)
-    python bench/levers.py --device cuda --amp fp16 --backbone seresnextaa101d_32x8d.sw_in12k_ft_in1k_288 \\
+    python -m bench.levers                                  # CPU: resnet18, 384/512 px (as the README's ablation)
+    python -m bench.levers --device cuda --amp fp16 --backbone seresnextaa101d_32x8d.sw_in12k_ft_in1k_288 \\
         --min-size 800 --max-size 1333 --stock-backbone resnet50      # the recipe's sizes on a GPU
 
 Each configuration trains `--steps` steps (after `--warmup` untimed ones) over the same images in the same
-order with the same seed: data seconds (reading, augmentation, resizing, masks) and step seconds (forward,
-backward, AdamW, the EMA update) per step, their sum, and the ratio of that sum to the recipe's. The COCO row
-is torchvision's Mask R-CNN v2 architecture (ResNet-50, 4-conv heads) with random weights (its cost does not
-depend on them): compare it with the `recipe, resnet50` row, which `--with-resnet50` adds.
+order with the same seed: data seconds (reading, augmentation, resizing, masks) and step seconds per step,
+their sum, and the ratio of that sum to the recipe's. The step is engine.train_step, the one train.py runs:
+forward, backward, GRAD_CLIP, AdamW, the EMA update (ours); the peer's row is peer.py's step (its SGD, no
+clipping, no EMA) on the images at its input size, as peer.py hands them over. The COCO row is torchvision's
+Mask R-CNN v2 architecture (ResNet-50, 4-conv heads) with random weights (its cost does not depend on them):
+compare it with the `recipe, resnet50` row, which `--with-resnet50` adds.
 """
 import argparse
-import sys
 import tempfile
 import time
 import warnings
@@ -21,9 +22,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from realistic_data import make_realistic_data  # noqa: E402  (bench/ is the script folder)
+import engine
+import losses
+import peer
+import train
+from bench.realistic_data import make_realistic_data
+from dataset import CellDataset
+from model import build_model
+from utils import seed_everything
 
 LEVERS = [  # (row, train.py constants over the recipe)
     ("recipe", {}),
@@ -40,50 +46,39 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(cfg, data_dir, ids, args, device, peer=False):
-    """(data s, step s) per step of one configuration, means over args.steps timed steps."""
-    import losses
-    import train
-    from dataset import CellDataset
-    from model import build_model
-    from timm.utils import ModelEmaV3
-    from utils import seed_everything
+def measure(cfg, data_dir, ids, args, device, stock=False):
+    """(data s, step s) per step of one configuration (stock: the peer), means over args.steps timed steps."""
     seed_everything(0)
     sizing = (cfg["MIN_SIZE"], cfg["MAX_SIZE"], 0.0)
-    if peer:
-        import peer as peer_module
-        model = peer_module.build_peer(args.stock_backbone, cfg["MIN_SIZE"], cfg["MAX_SIZE"])
-        data = CellDataset(data_dir, ids, train=True)  # full size: torchvision's transform resizes
-        weights = None
+    if stock:  # as peer.train_peer: images handed over at the input size (its 0.5 flip, a few ms, left out)
+        model = peer.build_peer(args.stock_backbone, cfg["MIN_SIZE"], cfg["MAX_SIZE"])
+        data = CellDataset(data_dir, ids, train=False, sizing=sizing)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
+                                    lr=peer.REFERENCE["lr_per_16_images"] / 16, momentum=peer.REFERENCE["momentum"],
+                                    weight_decay=peer.REFERENCE["weight_decay"])
+        weights, grad_clip, ema = peer.STOCK_WEIGHTS, 0.0, None
     else:
         model = build_model(cfg, load_pretrained=False)
         data = CellDataset(data_dir, ids, train=True, sizing=sizing, jitter=cfg["SCALE_JITTER"], stain=cfg["STAIN_AUG"])
-        weights = losses.preset_weights(cfg["LOSSES"], {})
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                                      weight_decay=cfg["WEIGHT_DECAY"])
+        weights = losses.preset_weights(cfg["LOSSES"], cfg["LOSS_WEIGHTS"])
+        grad_clip, ema = cfg["GRAD_CLIP"], engine.WeightAverage(model, cfg["EMA"])
     model.to(device).train()
-    ema = ModelEmaV3(model, decay=cfg["EMA"], use_warmup=True) if cfg["EMA"] > 0 else None
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     data_s, step_s = [], []
     for step in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         image, target = data[step % len(data)]
-        images, targets = train.to_device([image], [target], device)
+        images, targets = engine.to_device([image], [target], device)
         sync(device)
         t1 = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss_dict = model(images, targets)
-        loss = (sum(loss_dict.values()) if weights is None
-                else losses.weighted_total({k: v.float() for k, v in loss_dict.items()}, weights))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # as train.py: GRAD_CLIP
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["GRAD_CLIP"])
-        scaler.step(optimizer)
-        scaler.update()
-        if ema is not None:
-            ema.update(model, step=step + 1)
+        loss, _ = engine.train_step(model, images, targets, optimizer, weights, scaler=scaler, dtype=dtype,
+                                    grad_clip=grad_clip, ema=ema, step=step + 1)
         sync(device)
+        if loss is None:
+            raise FloatingPointError(f"step {step}: non-finite loss")
         if step >= args.warmup:
             data_s.append(t1 - t0)
             step_s.append(time.perf_counter() - t1)
@@ -105,16 +100,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--with-resnet50", action="store_true", help="also the recipe on a resnet50 (the COCO row's depth)")
     args = ap.parse_args()
-    import train
     device = torch.device(args.device)
-    base = {k: v for k, v in vars(train).items() if k.isupper() and not k.startswith(("DEMO_", "METRIC_", "AUTO_"))}
+    base = {name: getattr(train, name) for name, _, _ in train.CONFIG}  # train.py's constants: the recipe
     base.update(BACKBONE=args.backbone, PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=False, LOSSES=args.losses,
                 MIN_SIZE=args.min_size, MAX_SIZE=args.max_size)
     levers = LEVERS + ([("recipe, resnet50", {"BACKBONE": "resnet50"})] if args.with_resnet50 else [])
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "d"
         make_realistic_data(data_dir, seed=0, test_fraction=0, images=args.images + 30)
-        from dataset import CellDataset
         every = sorted(p.name for p in (data_dir / "train").iterdir())
         sizes = {i: CellDataset(data_dir, [i])[0] for i in every}
         ids = sorted(every, key=lambda i: sizes[i][0].shape[-1] * sizes[i][0].shape[-2])[-args.images:]  # the largest
@@ -129,7 +122,7 @@ def main():
             d, s = measure({**base, **extra}, data_dir, ids, args, device)
             rows.append((name, d, s))
             print(f"{name:>26}: data {d:.3f} s + step {s:.3f} s = {d + s:.3f} s per step", flush=True)
-        d, s = measure(base, data_dir, ids, args, device, peer=True)
+        d, s = measure(base, data_dir, ids, args, device, stock=True)
         print(f"{'stock torchvision (peer)':>26}: data {d:.3f} s + step {s:.3f} s = {d + s:.3f} s per step "
               f"({args.stock_backbone})")
         recipe = rows[0][1] + rows[0][2]

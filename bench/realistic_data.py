@@ -2,9 +2,9 @@
 validation images (assets/hw3-real/val_geometry_coco.json.gz: masks, classes, image sizes 93 px to
 2162 px, up to 772 cells), painted with a realistic stain.
 
-    python bench/realistic_data.py data/realistic              # all 50 images, seed 0
-    python bench/realistic_data.py data/realistic --seed 1 --test-fraction 0.3
-    python bench/realistic_data.py /tmp/small --images 8 --max-side 128   # a few crops (tests)
+    python -m bench.realistic_data data/realistic              # all 50 images, seed 0
+    python -m bench.realistic_data data/realistic --seed 1 --test-fraction 0.3
+    python -m bench.realistic_data /tmp/small --images 8 --max-side 128   # a few crops (tests)
 
 Writes OUT/train/<uuid>/image.tif (RGBA uint8, LZW) + class{k}.tif (float64 instance ids, present only
 where class k occurs) for the training part; OUT/test_release/<uuid>.tif, OUT/test_image_name_to_ids.json
@@ -20,7 +20,6 @@ focus, as the course sample's many unannotated nuclei) in free space; then blur 
 """
 import argparse
 import json
-import sys
 import uuid
 from pathlib import Path
 
@@ -28,9 +27,9 @@ import numpy as np
 import tifffile
 from scipy import ndimage
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules (bench/ has its own infer.py)
-sys.path.append(str(Path(__file__).resolve().parent))
-from hw3real import decode, load_geometry  # noqa: E402
+from bench.hw3real import decode, load_geometry
+from dataset import instances_from_labels
+from evaluate import coco_ground_truth
 
 # two stains, one picked per image: H&E-like (purple nuclei on pink) and brown (haematoxylin/DAB-like,
 # as the course sample); nucleus RGB by class
@@ -125,8 +124,6 @@ def write_rgba(path, rgb):
 def make_realistic_data(out, seed=0, test_fraction=0.3, images=0, max_side=0):
     """Write the dataset (see the module docstring). images > 0: only that many of the 50 (the smallest
     first); max_side > 0: a random window of at most max_side px of each image. Returns the test image count."""
-    from dataset import instances_from_labels
-    from evaluate import coco_ground_truth
     out = Path(out)
     if (out / "train").exists() or (out / "test_release").exists():
         raise SystemExit(f"{out} already holds a dataset (train/ or test_release/); choose another OUT")

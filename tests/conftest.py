@@ -8,13 +8,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download: a hub call fails at once
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "bench"))  # bench scripts' helpers (hw3real, realistic_data, peer)
 ASSETS = ROOT / "assets" / "hw3-real"  # the public course material, inside the repo (assets/hw3-real/README.md)
 SAMPLE = ASSETS / "sample_train" / "course-sample"
 
 # A CPU-sized model: timm's 0.4M-parameter test ResNet, thin FPN, few RoIs, small images.
 TINY = dict(BACKBONE="test_resnet", PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=False, FPN_CHANNELS=32,
-            ROI_BATCH_SIZE=64, MIN_SIZE=96, MAX_SIZE=160, LOSSES="stock")
+            ROI_BATCH_SIZE=64, MIN_SIZE=96, MAX_SIZE=160, LOSSES="stock", HEADS="standard", SCALE=0.0)
 SIZING = (TINY["MIN_SIZE"], TINY["MAX_SIZE"], 0.0)  # CellDataset(sizing=...): images at TINY's input size
 
 

@@ -8,8 +8,10 @@ import ablate
 import infer
 import train
 from conftest import tiny_args
-from realistic_data import make_realistic_data
+from bench.realistic_data import make_realistic_data
 from utils import load_checkpoint
+import engine
+import predict
 
 SHARED = dict(NUM_WORKERS=0, VAL_FRACTION=0.34, WARMUP_ITERS=1, VAL_DETECTIONS_PER_IMAGE=50)
 
@@ -30,8 +32,10 @@ def test_ablate_tiny_grid_tables_reuse_resume_and_skip(real_small, tmp_path, mon
     calls = []
     real_main = train.main
     monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or real_main(argv))
-    thresholds, real_to_records = [], infer.to_records
-    monkeypatch.setattr(infer, "to_records", lambda raw, t: thresholds.append(t) or real_to_records(raw, t))
+    thresholds, real_to_records = [], predict.to_records
+    spy = lambda raw, t: thresholds.append(t) or real_to_records(raw, t)  # noqa: E731
+    monkeypatch.setattr(ablate, "to_records", spy)  # scoring the test images
+    monkeypatch.setattr(engine, "to_records", spy)  # validation during training
     argv = ["--data-dir", str(real_small), "--out", str(out), "--vary", "losses=stock,report",
             "--vary", "mask-threshold=0.5,0.6", "--"] + tiny_args(EPOCHS=2, **SHARED)
     rows = ablate.main(argv)

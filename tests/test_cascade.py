@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import box_iou
 
-import cascade
+from heads import STAGE_IOUS, CascadeRoIHeads
 from conftest import TINY
 from model import build_model
 
@@ -26,7 +26,7 @@ def cascade_model(**cfg):
 def test_cascade_replaces_the_box_head_with_three_stages():
     model = cascade_model()
     heads = model.roi_heads
-    assert isinstance(heads, cascade.CascadeRoIHeads) and len(heads.box_heads) == len(heads.box_predictors) == 3
+    assert isinstance(heads, CascadeRoIHeads) and len(heads.box_heads) == len(heads.box_predictors) == 3
     assert [m.high_threshold for m in heads.stage_matchers] == [0.5, 0.6, 0.7]
     assert [m.low_threshold for m in heads.stage_matchers] == [0.5, 0.6, 0.7]
     assert [c.weights for c in heads.stage_coders] == [(10, 10, 5, 5), (20, 20, 10, 10), (30, 30, 15, 15)]
@@ -58,8 +58,8 @@ def test_stage_thresholds_reach_the_samplers(monkeypatch):
         iou = box_iou(boxes[0], targets[0]["boxes"]).max(1).values
         pos = labels[0] > 0
         assert pos.any() and (~pos).any()
-        assert (iou[pos] >= cascade.STAGE_IOUS[s] - 1e-6).all(), s
-        assert (iou[~pos] < cascade.STAGE_IOUS[s]).all(), s
+        assert (iou[pos] >= STAGE_IOUS[s] - 1e-6).all(), s
+        assert (iou[~pos] < STAGE_IOUS[s]).all(), s
         assert torch.equal(labels[0][pos], targets[0]["labels"][matched[0][pos]])
         assert is_gt[0].sum() <= 3 and len(boxes[0]) <= 64
 

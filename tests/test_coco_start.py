@@ -12,6 +12,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.ops import FrozenBatchNorm2d
 
+import infer
+import predict
 from conftest import TINY
 from model import COCO_MODEL, PretrainedWeightsError, build_model
 
@@ -127,7 +129,6 @@ def test_hub_offline_says_what_to_do_and_never_starts_random(monkeypatch, tmp_pa
 
 
 def test_coco_model_trains_a_step_and_infer_rebuilds_it_from_a_checkpoint(coco_file, coco_model, tmp_path):
-    import infer
     from utils import save_checkpoint
     torch.manual_seed(0)
     model = copy.deepcopy(coco_model).train()
@@ -141,7 +142,7 @@ def test_coco_model_trains_a_step_and_infer_rebuilds_it_from_a_checkpoint(coco_f
     # the checkpoint's config names a file that is gone: load_pretrained=False must not look for it
     config = dict(COCO, PRETRAINED=True, PRETRAINED_WEIGHTS=str(tmp_path / "gone.pth"))
     save_checkpoint({"model": model.state_dict(), "config": config}, tmp_path / "best.pt")
-    rebuilt, _ = infer.load_model(tmp_path / "best.pt", torch.device("cpu"), detections_per_image=20)
+    rebuilt, _ = predict.load_model(tmp_path / "best.pt", torch.device("cpu"), infer.prediction_settings(DETECTIONS_PER_IMAGE=20))
     trained = model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in rebuilt.state_dict().items())
     rebuilt.rpn._post_nms_top_n["testing"] = 100  # CPU time: the 4-conv box head on 1000 proposals takes seconds

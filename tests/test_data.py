@@ -120,7 +120,7 @@ def test_missing_data_folder_says_what_layout_was_expected(tmp_path):
 def test_course_material_is_in_the_repo_and_geometry_reads_both_segmentation_forms(tmp_path):
     import gzip
     import json
-    import hw3real
+    from bench import hw3real
     from conftest import ASSETS
     assert ASSETS.is_dir() and hw3real.SAMPLE.is_dir() and hw3real.TABLE.is_file()
     coco = hw3real.load_geometry()

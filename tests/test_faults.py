@@ -12,7 +12,9 @@ import pytest
 import tifffile
 import torch
 
+import engine
 import infer
+import predict
 import train
 from conftest import ROOT, SIZING, TINY, write_sample
 from dataset import (CellDataset, DataError, TestDataset, check_train_data, list_train_ids, read_image,
@@ -225,7 +227,7 @@ def test_disk_full_while_saving(tmp_path, monkeypatch):
 def test_empty_prediction_keeps_the_submission_valid():
     out = {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
            "mask_probs": torch.zeros((0, 1, 28, 28))}
-    assert infer.to_results(out, 1, 0.5, (20, 25)) == []
+    assert predict.to_results(out, 1, 0.5, (20, 25)) == []
     table = [{"file_name": "a.tif", "id": 1, "height": 20, "width": 25}]
     assert infer.check_submission([], table)
 
@@ -247,14 +249,14 @@ def test_non_finite_losses_are_skipped_then_stop(demo_dir):
     cfg = {"WARMUP_ITERS": 0, "EPOCHS": 1, "GRAD_CLIP": 0}
     model = NaNModel({2})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats, skipped = train.train_one_epoch(model, loader, opt, "cpu", cfg, {"epoch": 0, "step": 0},
+    stats, skipped = engine.train_one_epoch(model, loader, opt, "cpu", cfg, {"epoch": 0, "step": 0},
                                            {"loss_classifier": 1.0})
     assert skipped == 1 and torch.isfinite(model.w)
     always = NaNModel(set(range(1, 100)))
     monkey = pytest.MonkeyPatch()
-    monkey.setattr(train, "MAX_SKIPPED_STEPS", 3)
+    monkey.setattr(engine, "MAX_SKIPPED_STEPS", 3)
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses"):
-        train.train_one_epoch(always, loader, torch.optim.SGD(always.parameters(), lr=0.1), "cpu", cfg,
+        engine.train_one_epoch(always, loader, torch.optim.SGD(always.parameters(), lr=0.1), "cpu", cfg,
                               {"epoch": 0, "step": 0}, {"loss_classifier": 1.0})
     monkey.undo()
 

@@ -14,6 +14,8 @@ from conftest import TINY, tiny_args, write_sample
 from dataset import CellDataset, collate, list_train_ids
 from model import build_model
 from utils import load_checkpoint
+import engine
+import predict
 
 
 # ---- EMA ---------------------------------------------------------------------------------------
@@ -40,7 +42,7 @@ def test_ema_follows_its_warm_up_rule_step_by_step(demo_dir):
                           {k: v.clone() for k, v in ema.module.state_dict().items()}))
     ema.update = record
     state = {"epoch": 0, "step": 0}
-    train.train_one_epoch(model, loader, optimizer, "cpu", cfg, state, {k: 1.0 for k in TINY_TERMS}, ema=ema)
+    engine.train_one_epoch(model, loader, optimizer, "cpu", cfg, state, {k: 1.0 for k in TINY_TERMS}, ema=ema)
     assert [s[0] for s in snapshots] == [1, 2, 3]  # the global step of each update
     for step, before, weights, after in snapshots:
         d = min(1 - (1 + (step - 1)) ** (-2 / 3), 0.5) if step > 1 else 0.0
@@ -78,14 +80,14 @@ def test_ema_is_what_best_pt_holds_and_infer_uses(all_levers, demo_dir):
     rows = list(csv.DictReader((whole / "metrics.csv").read_text().splitlines()))
     decays = [float(r["ema_decay"]) for r in rows]  # the decay in force: timm's warm-up below EMA
     assert len(decays) == 2 and 0 < decays[0] < decays[1] <= 0.9
-    model, _ = infer.load_model(whole / "best.pt", "cpu", detections_per_image=50)  # as validation
+    model, _ = predict.load_model(whole / "best.pt", "cpu", infer.prediction_settings(DETECTIONS_PER_IMAGE=50))
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in best["ema"].items())
-    # validation scored the averaged weights: re-scoring them gives the logged val AP50
-    import evaluate
+    # validation scored the averaged weights: re-scoring them as validation predicts gives the logged val AP50
     val = CellDataset(demo_dir, best["val_ids"])
-    opts = infer.predict_options(best["config"], detections_per_image=50)
-    metrics, _ = evaluate.evaluate(model, val, "cpu", opts, best["config"]["MASK_THRESHOLD"])
+    validation = json.loads((whole / "config.json").read_text())["VALIDATION"]
+    opts = predict.predict_options(best["config"], validation)
+    metrics, _ = engine.evaluate_model(model, val, "cpu", opts)
     assert metrics["ap50"] > 0  # a real score, not two zeros
     assert metrics["ap50"] == pytest.approx(best["state"]["history"][best["epoch"] - 1]["val_ap50"], abs=1e-9)
 

@@ -7,9 +7,11 @@ from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import complete_box_iou_loss
 
 import losses
+from heads import PresetRoIHeads
 from conftest import SIZING, TINY
 from dataset import CellDataset, list_train_ids
 from model import build_model
+import predict
 
 
 def test_focal_with_gamma_0_alpha_half_is_half_cross_entropy():
@@ -137,7 +139,7 @@ def test_report_presets_add_their_terms_as_the_report_composes_them():
     2.5 x focal for report (cross-entropy x1 for ciou_dice_boundary); the RPN terms stay stock."""
     torch.manual_seed(0)
     model = build_model(dict(TINY, LOSSES="report"))
-    assert model.roi_heads.loss_classification == "focal" and model.roi_heads.preset == "report"
+    assert model.roi_heads.classification == "focal" and model.roi_heads.preset == "report"
     terms = {name: torch.tensor(float(i + 1)) for i, name in enumerate(losses.LOSS_TERMS)}
     t = {k: float(v) for k, v in terms.items()}
     w = losses.CIOU_WEIGHT
@@ -165,8 +167,8 @@ def test_preset_survives_the_checkpoint_round_trip(tmp_path, demo_dir):
     cfg = dict(TINY, LOSSES="report", LOSS_WEIGHTS={"loss_boundary": 0.5})
     model = build_model(cfg)
     save_checkpoint({"model": model.state_dict(), "config": cfg}, tmp_path / "best.pt")
-    loaded, ckpt = infer.load_model(tmp_path / "best.pt", "cpu", detections_per_image=10)
-    assert isinstance(loaded.roi_heads, losses.LossRoIHeads) and loaded.roi_heads.loss_classification == "focal"
+    loaded, ckpt = predict.load_model(tmp_path / "best.pt", "cpu", infer.prediction_settings(DETECTIONS_PER_IMAGE=10))
+    assert isinstance(loaded.roi_heads, PresetRoIHeads) and loaded.roi_heads.classification == "focal"
     assert ckpt["config"]["LOSS_WEIGHTS"] == {"loss_boundary": 0.5}
     image, target = CellDataset(demo_dir, list_train_ids(demo_dir)[:1], sizing=SIZING)[0]
     with torch.no_grad():

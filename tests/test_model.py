@@ -6,6 +6,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from conftest import SIZING, TINY
 from dataset import CellDataset, list_train_ids
 from model import PretrainedWeightsError, build_model
+from utils import load_checkpoint, save_checkpoint
 
 
 def test_tiny_model_trains_a_step_and_predicts(demo_dir):
@@ -82,8 +83,9 @@ def test_freeze_bn_auto_freezes_pretrained_and_keeps_a_random_backbone_live(tmp_
     # true/false force it; a configuration from before FREEZE_BN existed meant true (old checkpoints load)
     assert _bn_kinds(build_model(dict(pretrained, FREEZE_BN=False))) == (False, True)
     assert _bn_kinds(build_model(dict(scratch, FREEZE_BN="true"), load_pretrained=False)) == (True, False)
-    old = {k: v for k, v in scratch.items() if k != "FREEZE_BN"}
-    assert _bn_kinds(build_model(old, load_pretrained=False)) == (True, False)
+    old = tmp_path / "old.pt"  # a checkpoint written before FREEZE_BN existed: load_checkpoint says what it meant
+    save_checkpoint({"model": {}, "config": {k: v for k, v in scratch.items() if k != "FREEZE_BN"}}, old)
+    assert _bn_kinds(build_model(load_checkpoint(old)["config"], load_pretrained=False)) == (True, False)
 
 
 def test_live_batchnorm_on_a_random_backbone_learns():

@@ -57,7 +57,7 @@ def test_notebook_trains_predicts_checks_and_zips(first_session, demo_dir):
     work, nb, text = first_session
     run = work / "runs" / "nb"
     assert "to install: nothing (all requirements present)" in text  # no pip call with everything present
-    assert "AMP auto: off (fp32)" in text  # train.amp_dtype's answer on the CPU
+    assert "AMP auto: off (fp32)" in text  # engine.amp_dtype's answer on the CPU
     ckpt = load_checkpoint(run / "best.pt")
     assert ckpt["epoch"] == 1 and ckpt["config"]["BACKBONE"] == TINY["BACKBONE"]
     assert ckpt["config"]["DEMO"] and ckpt["config"]["DATA_DIR"] == str(demo_dir)

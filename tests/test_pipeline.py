@@ -11,6 +11,8 @@ from conftest import SIZING, TINY, tiny_args
 from dataset import CellDataset, collate, list_train_ids
 from model import build_model
 from utils import load_checkpoint
+import engine
+import predict
 
 
 def test_short_overfit_raises_ap50(demo_dir):
@@ -20,8 +22,8 @@ def test_short_overfit_raises_ap50(demo_dir):
     sized = CellDataset(demo_dir, ids, train=False, sizing=SIZING)
     model = build_model(TINY, detections_per_image=100)
     gt = evaluate.val_ground_truth(data)
-    opts = infer.predict_options(TINY, detections_per_image=100)
-    start, _ = evaluate.evaluate(model, data, "cpu", opts, coco_gt=gt)
+    opts = predict.predict_options(TINY, infer.prediction_settings(DETECTIONS_PER_IMAGE=100))
+    start, _ = engine.evaluate_model(model, data, "cpu", opts, coco_gt=gt)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     batch = collate([sized[0], sized[1]])
     for step in range(80):
@@ -30,7 +32,7 @@ def test_short_overfit_raises_ap50(demo_dir):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    end, _ = evaluate.evaluate(model, data, "cpu", opts, coco_gt=gt)
+    end, _ = engine.evaluate_model(model, data, "cpu", opts, coco_gt=gt)
     print(f"AP50 before {start['ap50']:.3f} after {end['ap50']:.3f}")
     assert start["ap50"] < 0.05
     assert end["ap50"] > start["ap50"] + 0.3
@@ -57,6 +59,8 @@ def test_training_writes_the_run_folder(trained_run):
     assert len(split["val"]) == 2 and len(split["train"]) == 4
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert cfg.pop("amp_dtype") == "float32" and "CPU" in cfg.pop("amp_why")  # the precision it trained in, and why
+    # how validation predicts: infer.py's prediction constants, but its own detection limit
+    assert cfg.pop("VALIDATION") == infer.prediction_settings(DETECTIONS_PER_IMAGE=cfg["VAL_DETECTIONS_PER_IMAGE"])
     assert ckpt["config"] == cfg and ckpt["epoch"] == 2 and ckpt["val_ids"] == split["val"]
     # 2 val images < MIN_VAL_IMAGES: their AP50 is logged but picks nothing; best.pt is the latest weights
     assert all(0.0 <= h["val_ap50"] <= 1.0 for h in ckpt["state"]["history"]) and ckpt["state"]["best_ap50"] == -math.inf
@@ -65,7 +69,7 @@ def test_training_writes_the_run_folder(trained_run):
 
 def test_checkpoint_alone_rebuilds_the_same_model(trained_run, demo_dir):
     run_dir, _ = trained_run
-    model, ckpt = infer.load_model(run_dir / "best.pt", "cpu", detections_per_image=30)
+    model, ckpt = predict.load_model(run_dir / "best.pt", "cpu", infer.prediction_settings(DETECTIONS_PER_IMAGE=30))
     reference = build_model(ckpt["config"], load_pretrained=False, detections_per_image=30)
     reference.load_state_dict(ckpt["model"])
     reference.eval()
@@ -157,7 +161,7 @@ def test_test_overlay_outlines_the_confident_predictions(demo_dir, tmp_path):
 def test_tta_and_tiling_options_on_a_trained_model(trained_run):
     run_dir, _ = trained_run
     args = ["--checkpoint", str(run_dir / "best.pt"), "--num-workers", "0", "--detections-per-image", "50", "--eval"]
-    tiled = infer.main(args + ["--tta", "flips+scales", "--scale", "3.0"])  # 64-96 px images x3: tiles of 53 px
+    tiled = infer.main(args + ["--tta", "flips+scales", "--input-scale", "3.0"])  # 64-96 px images x3: tiles of 53 px
     assert 0.0 <= tiled["ap50"] <= 1.0
     with pytest.raises(SystemExit, match="choose none, flips or flips"):
         infer.main(args + ["--tta", "mirror"])
@@ -171,7 +175,7 @@ def test_training_at_a_fixed_scale_crops_and_validates_in_tiles(demo_dir, tmp_pa
     assert "input x2 (random 80-px crops of larger images)" in out  # 64-96 px images x2 > MAX_SIZE 160
     ckpt = load_checkpoint(run_dir / "last.pt")
     assert ckpt["config"]["SCALE"] == 2.0 and 0.0 <= ckpt["state"]["history"][0]["val_ap50"] <= 1.0
-    opts = infer.predict_options(ckpt["config"])
+    opts = predict.predict_options(ckpt["config"], infer.prediction_settings())
     assert opts["sizing"] == (TINY["MIN_SIZE"], TINY["MAX_SIZE"], 2.0)  # inference sizes as trained
 
 
@@ -218,6 +222,44 @@ def test_resume_of_a_run_saved_before_newer_constants(trained_run, tmp_path):
     train.main(["--run-dir", str(old), "--resume", "--epochs", str(ckpt["epoch"] + 1)])
     resumed = load_checkpoint(old / "last.pt")
     assert resumed["epoch"] == ckpt["epoch"] + 1 and resumed["config"]["SCALE"] == 0.0
+
+
+# The checkpoint forms written before the restructure into predict.py/engine.py (kept here as they were):
+# config keys of that train.py (MASK_THRESHOLD among them), and, older still, a config without the constants
+# added over time (FREEZE_BN meant frozen then) and rank 0's random streams only.
+OLD_CONFIG_KEYS = ["DATA_DIR", "RUN_DIR", "BACKBONE", "PRETRAINED", "PRETRAINED_WEIGHTS", "FREEZE_BN", "FPN_CHANNELS",
+                   "HEADS", "ROI_BATCH_SIZE", "MIN_SIZE", "MAX_SIZE", "SCALE", "SCALE_JITTER", "STAIN_AUG", "EMA",
+                   "EPOCHS", "MAX_MINUTES", "BATCH_SIZE", "LR", "WEIGHT_DECAY", "WARMUP_ITERS", "LR_PATIENCE",
+                   "LR_FACTOR", "EARLY_STOP_PATIENCE", "GRAD_CLIP", "AMP", "VAL_FRACTION", "MIN_VAL_IMAGES",
+                   "VAL_DETECTIONS_PER_IMAGE", "MASK_THRESHOLD", "SEED", "LOSSES", "LOSS_WEIGHTS", "NUM_WORKERS",
+                   "DEVICE", "CUDNN_BENCHMARK", "RESUME", "DEMO"]
+OLDEST_LACKS = ["FREEZE_BN", "HEADS", "SCALE", "SCALE_JITTER", "STAIN_AUG", "EMA", "MAX_MINUTES", "MIN_VAL_IMAGES",
+                "CUDNN_BENCHMARK", "PRETRAINED_WEIGHTS"]
+OLD_CHECKPOINT_KEYS = ["model", "optimizer", "scheduler", "scaler", "state", "config", "epoch", "train_ids", "val_ids",
+                       "rng", "loader_rng", "rng_ranks"]
+
+
+@pytest.mark.parametrize("form", ["before the restructure", "oldest"])
+def test_an_old_checkpoint_predicts_in_infer_and_resumes(trained_run, tmp_path, demo_dir, form):
+    import shutil
+    from utils import save_checkpoint
+    run_dir, _ = trained_run
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    ckpt = load_checkpoint(old / "last.pt")
+    cfg = {k: ckpt["config"].get(k, 0.5) for k in OLD_CONFIG_KEYS}  # MASK_THRESHOLD 0.5
+    if form == "oldest":
+        cfg = {k: v for k, v in cfg.items() if k not in OLDEST_LACKS}
+        cfg["FREEZE_BN"] = False  # a run of this form that froze BatchNorm is asked to choose (another test)
+    state = {k: ckpt[k] for k in OLD_CHECKPOINT_KEYS if not (form == "oldest" and k == "rng_ranks")}
+    torch.save({**state, "config": cfg}, old / "last.pt")
+    out = infer.main(["--checkpoint", str(old / "last.pt"), "--data-dir", str(demo_dir), "--output-json",
+                      str(tmp_path / "sub.json"), "--num-workers", "0", "--detections-per-image", "20"])
+    assert json.loads(open(out).read())  # a valid, non-empty submission
+    train.main(["--run-dir", str(old), "--resume", "--epochs", str(ckpt["epoch"] + 1)])
+    resumed = load_checkpoint(old / "last.pt")
+    assert resumed["epoch"] == ckpt["epoch"] + 1 and "MASK_THRESHOLD" not in resumed["config"]
+    assert resumed["config"]["HEADS"] == "standard" and resumed["config"]["SCALE"] == 0.0
 
 
 def test_resume_reproduces_the_uninterrupted_run(trained_run, tmp_path):

@@ -7,6 +7,7 @@ from torchvision.models.detection.roi_heads import paste_masks_in_image
 
 import infer
 from utils import decode_mask
+import predict
 
 
 def stock_results(output, image_size, threshold):
@@ -35,7 +36,7 @@ def test_fast_path_equals_stock_path(h, w, threshold):
     # full-height and full-image boxes: runs that continue from one column into the next
     out["boxes"][:2] = torch.tensor([[0.0, 0.0, w, h], [3.0, 0.0, 9.0, h]])
     out["mask_probs"][:2] = 0.99
-    ours = infer.to_results(out, 7, threshold, (h, w))
+    ours = predict.to_results(out, 7, threshold, (h, w))
     counts, masks = stock_results(out, (h, w), threshold)
     kept = masks.any((1, 2))  # the stock path also writes detections whose mask is empty; ours drops them
     counts, masks = [c for c, k in zip(counts, kept) if k], masks[kept]
@@ -50,10 +51,10 @@ def test_detections_whose_mask_is_empty_are_dropped():
            "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([1, 2, 3]),
            "mask_probs": torch.full((3, 1, 28, 28), 0.9)}
     out["mask_probs"][1] = 0.2  # nothing above the threshold: a sure false positive
-    records = infer.to_results(out, 1, 0.5, (40, 40))
+    records = predict.to_results(out, 1, 0.5, (40, 40))
     assert [r["category_id"] for r in records] == [1, 3]
     assert all(decode_mask(r["segmentation"]).any() for r in records)
-    assert len(infer.to_results(out, 1, 0.1, (40, 40))) == 3
+    assert len(predict.to_results(out, 1, 0.1, (40, 40))) == 3
 
 
 def test_region_rle_edge_cases():
@@ -61,7 +62,7 @@ def test_region_rle_edge_cases():
                                  (np.ones((1, 1), bool), 4, 6, 5, 7), (np.zeros((0, 0), bool), 0, 0, 5, 5)]:
         full = np.zeros((h, w), np.uint8)
         full[y0:y0 + region.shape[0], x0:x0 + region.shape[1]] = region
-        rle = infer.region_rle(region, y0, x0, h, w)
+        rle = predict.region_rle(region, y0, x0, h, w)
         assert rle["counts"] == mask_utils.encode(np.asfortranarray(full))["counts"].decode("ascii")
 
 

@@ -4,9 +4,9 @@ import json
 import pytest
 from pycocotools.coco import COCO
 
-import hw3real
+from bench import hw3real
 from dataset import CellDataset, TestDataset, check_train_data, list_train_ids
-from realistic_data import make_realistic_data
+from bench.realistic_data import make_realistic_data
 
 
 def test_realistic_data_keeps_the_real_geometry_in_the_hw3_layout(tmp_path):

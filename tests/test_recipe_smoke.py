@@ -3,11 +3,12 @@ import torch
 
 import infer
 import losses
+import predict
 import train
 from dataset import CellDataset
 from model import build_model
 
-RECIPE = {k: getattr(train, k) for k in ("BACKBONE", "FPN_CHANNELS", "ROI_BATCH_SIZE", "FREEZE_BN")}
+RECIPE = {name: getattr(train, name) for name, _, _ in train.CONFIG}  # train.py's defaults: the recipe
 
 
 def test_recipe_trains_a_step_and_predicts_in_tiles_on_the_real_sample(sample_dir):
@@ -27,9 +28,9 @@ def test_recipe_trains_a_step_and_predicts_in_tiles_on_the_real_sample(sample_di
     assert backbone_grads and all(torch.isfinite(g).all() for g in backbone_grads)
     model.eval()
     original, _ = CellDataset(sample_dir, ["course-sample"])[0]  # 397 x 482: at x1 it passes 400, so 2 tiles
-    opts = infer.predict_options(dict(cfg, SCALE=1.0), detections_per_image=100)
+    opts = predict.predict_options(dict(cfg, SCALE=1.0), infer.prediction_settings(DETECTIONS_PER_IMAGE=100))
     with torch.no_grad():
-        out = infer.predict_tta(model, original, opts)
-    records = infer.to_results(out, 1, 0.5, original.shape[-2:])
+        out = predict.predict_tta(model, original, opts)
+    records = predict.to_results(out, 1, 0.5, original.shape[-2:])
     assert len(records) == len(out["boxes"]) <= 100
     assert all(r["segmentation"]["size"] == [397, 482] for r in records)

@@ -6,6 +6,7 @@ from scipy import ndimage
 from torchvision.ops import box_iou, roi_align
 
 import infer
+import predict
 
 
 class BlobDetector(torch.nn.Module):
@@ -49,9 +50,11 @@ def blob_image(rng, h, w, n, symmetric=False):
     return image
 
 
-def opts(**kw):
-    trained = {"MIN_SIZE": 0, "MAX_SIZE": kw.pop("max_size", 4096), "SCALE": 1.0}
-    return infer.predict_options(trained, **kw)
+def opts(max_size=4096, **kw):
+    """predict_options of a run at a fixed x1 scale; kw: tile, overlap, tta, tta_scales (infer.py's settings)."""
+    names = {"tile": "TILE", "overlap": "TILE_OVERLAP", "tta": "TTA", "tta_scales": "TTA_SCALES"}
+    settings = infer.prediction_settings(**{names[k]: v for k, v in kw.items()})
+    return predict.predict_options({"MIN_SIZE": 0, "MAX_SIZE": max_size, "SCALE": 1.0}, settings)
 
 
 def as_set(out):
@@ -66,10 +69,10 @@ def no_duplicates(out, iou_threshold=0.5):
 
 @pytest.mark.parametrize("length, tile, overlap", [(100, 100, 20), (101, 100, 20), (1000, 128, 48), (2500, 666, 128)])
 def test_tiles_cover_and_overlap(length, tile, overlap):
-    starts = infer.tile_starts(length, tile, overlap)
+    starts = predict.tile_starts(length, tile, overlap)
     assert starts[0] == 0 and min(starts[-1] + tile, length) == length
     assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
-    cores = infer.tile_cores(starts, tile)
+    cores = predict.tile_cores(starts, tile)
     assert all(hi == lo2 for (_, hi), (lo2, _) in zip(cores, cores[1:]))  # every pixel owned exactly once
 
 
@@ -77,11 +80,11 @@ def test_tiled_prediction_equals_whole_image_without_seam_duplicates():
     rng = np.random.default_rng(0)
     image = blob_image(rng, 300, 260, 120)
     model = BlobDetector()
-    whole = infer.predict_image(model, image, opts(tile=False))
-    tiled = infer.predict_image(model, image, opts(max_size=96, overlap=40))
-    assert len(infer.tile_starts(300, 96, 40)) > 3  # really tiled
+    whole = predict.predict_image(model, image, opts(tile=False))
+    tiled = predict.predict_image(model, image, opts(max_size=96, overlap=40))
+    assert len(predict.tile_starts(300, 96, 40)) > 3  # really tiled
     assert as_set(tiled) == as_set(whole) and no_duplicates(tiled)
-    untiled_small = infer.predict_image(model, image, opts(max_size=96, tile=False))  # shrunk to fit instead
+    untiled_small = predict.predict_image(model, image, opts(max_size=96, tile=False))  # shrunk to fit instead
     assert len(untiled_small["boxes"]) > 0
 
 
@@ -90,8 +93,8 @@ def test_flip_tta_merges_without_duplicates(symmetric):
     rng = np.random.default_rng(1)
     image = blob_image(rng, 120, 160, 30, symmetric=symmetric)
     model = BlobDetector()
-    single = infer.predict_tta(model, image, opts())
-    fused = infer.predict_tta(model, image, opts(tta="flips"))
+    single = predict.predict_tta(model, image, opts())
+    fused = predict.predict_tta(model, image, opts(tta="flips"))
     assert len(single["boxes"]) >= 8
     assert as_set(fused) == as_set(single) and no_duplicates(fused)
     by_box = {tuple(b): p for b, p in zip(single["boxes"].tolist(), single["mask_probs"])}
@@ -103,7 +106,7 @@ def test_flip_tta_merges_without_duplicates(symmetric):
 
 def test_scale_tta_runs_and_stays_duplicate_free():
     image = blob_image(np.random.default_rng(2), 120, 160, 30)
-    fused = infer.predict_tta(BlobDetector(), image, opts(tta="flips+scales", tta_scales=[0.8, 1.25]))
+    fused = predict.predict_tta(BlobDetector(), image, opts(tta="flips+scales", tta_scales=[0.8, 1.25]))
     assert len(fused["boxes"]) >= 8 and no_duplicates(fused)
     with pytest.raises(ValueError, match="choose none, flips or flips"):
         opts(tta="rotations")
@@ -115,17 +118,17 @@ def test_fusion_weighs_passes_and_averages_masks():
     b = {**a, "boxes": box + 1.0, "scores": torch.tensor([0.3]), "mask_probs": torch.zeros(1, 1, 28, 28)}
     lone = {**a, "boxes": torch.tensor([[50.0, 50.0, 60.0, 60.0]]), "scores": torch.tensor([0.6])}
     empty = {k: v[:0] for k, v in a.items()}
-    fused = infer.fuse_detections([a, b, lone], iou_threshold=0.5, limit=100)
+    fused = predict.fuse_detections([a, b, lone], iou_threshold=0.5, limit=100)
     assert fused["scores"].tolist() == pytest.approx([0.4, 0.2])  # (0.9 + 0.3) / 3, and 0.6 / 3
     assert torch.allclose(fused["boxes"][0], box[0] + 0.25)  # score-weighted mean box
     centre = fused["mask_probs"][0, 0, 4:24, 4:24]
     assert torch.allclose(centre, torch.full_like(centre, 0.75), atol=1e-5)  # score-weighted mean mask
     same_class_elsewhere = {**b, "labels": torch.tensor([3])}
-    assert len(infer.fuse_detections([a, same_class_elsewhere], 0.5, 100)["boxes"]) == 2  # classes never merge
-    assert len(infer.fuse_detections([empty, empty], 0.5, 100)["boxes"]) == 0
+    assert len(predict.fuse_detections([a, same_class_elsewhere], 0.5, 100)["boxes"]) == 2  # classes never merge
+    assert len(predict.fuse_detections([empty, empty], 0.5, 100)["boxes"]) == 0
 
 
 def test_resample_masks_is_identity_in_the_same_box():
     probs = torch.rand(5, 28, 28)
     boxes = torch.tensor([[0.0, 0, 10, 20], [3, 4, 50, 9], [1, 1, 2, 2], [0, 0, 28, 28], [5, 5, 6, 40]])
-    assert torch.allclose(infer.resample_masks(probs, boxes, boxes), probs, atol=1e-5)
+    assert torch.allclose(predict.resample_masks(probs, boxes, boxes), probs, atol=1e-5)

@@ -1,9 +1,13 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 import train
 from evaluate import coco_evaluate, coco_ground_truth
-from utils import apply_overrides, decode_mask, encode_mask
+from conftest import ROOT
+from utils import apply_overrides, config_block, decode_mask, encode_mask
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (7, 5), (64, 33)])
@@ -17,15 +21,51 @@ def test_rle_round_trip(shape):
 
 def test_cli_overrides_change_constants_with_their_types():
     ns = {"EPOCHS": 50, "LR": 5e-5, "PRETRAINED": True, "BACKBONE": "x", "LOSS_WEIGHTS": {}, "RESUME": False}
-    cfg, given = apply_overrides(ns, ["--epochs", "3", "--lr", "1e-3", "--pretrained", "false",
-                                      "--backbone", "resnet18", "--loss-weights", '{"loss_mask": 2}', "--resume"])
+    block = [(name, "section", f"what {name} means") for name in ns]
+    cfg, given = apply_overrides(ns, block, ["--epochs", "3", "--lr", "1e-3", "--pretrained", "false",
+                                             "--backbone", "resnet18", "--loss-weights", '{"loss_mask": 2}', "--resume"])
     assert cfg == {"EPOCHS": 3, "LR": 1e-3, "PRETRAINED": False, "BACKBONE": "resnet18",
                    "LOSS_WEIGHTS": {"loss_mask": 2}, "RESUME": True}
     assert given == set(cfg)
     with pytest.raises(SystemExit):
-        apply_overrides(dict(ns), ["--epochs", "three"])
+        apply_overrides(dict(ns), block, ["--epochs", "three"])
     with pytest.raises(SystemExit):
-        apply_overrides(dict(ns), ["--no-such-constant", "1"])
+        apply_overrides(dict(ns), block, ["--no-such-constant", "1"])
+
+
+CONFIG_SCRIPT = '''"""A script."""
+LIMIT = 3  # not configuration: before the block
+
+# ---- config: first part
+ALPHA = 1.5                   # the first constant,
+                              # and its comment goes on here
+BETA = [1, 2]  # a list
+# a section note that belongs to no constant
+GAMMA = "x"
+# ---- config: second part
+DELTA = {"a": 1}              # a dict, with 50% of a percent sign
+# ---- end of config
+AFTER = 2  # not configuration: after the block
+'''
+
+
+def test_config_block_reads_the_constants_their_sections_and_comments(tmp_path):
+    path = tmp_path / "script.py"
+    path.write_text(CONFIG_SCRIPT)
+    assert config_block(path) == [("ALPHA", "first part", "the first constant, and its comment goes on here"),
+                                  ("BETA", "first part", "a list"), ("GAMMA", "first part", ""),
+                                  ("DELTA", "second part", "a dict, with 50% of a percent sign")]
+
+
+@pytest.mark.parametrize("script", ["train.py", "infer.py"])
+def test_help_explains_every_constant(script):
+    """`python train.py --help` lists every constant of the config block with its comment and default."""
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    flat = "".join(out.split())  # argparse wraps lines (at spaces and hyphens)
+    for name, section, text in config_block(ROOT / script):
+        assert text, f"{script}: {name} has no comment to explain it"
+        assert "--" + name.lower().replace("_", "-") in out and section in out
+        assert "".join(text.split()) in flat, (name, text)
 
 
 def test_train_constants_overridable_and_demo_preset_yields_to_the_command_line():

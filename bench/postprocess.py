@@ -2,8 +2,8 @@
 there) vs torchvision's stock path (paste every mask into a full-size canvas) + naive encoding of
 the full masks, on image sizes from the real test-id table, same inputs, one run.
 
-    python bench/infer.py                 # CPU
-    python bench/infer.py --device cuda   # masks and boxes start on the GPU, as the model leaves them
+    python -m bench.postprocess                 # CPU
+    python -m bench.postprocess --device cuda   # masks and boxes start on the GPU, as the model leaves them
 
 Each measurement runs in a fresh process; peak memory is that process's peak resident memory
 above its level just before the measurement (host memory; on CUDA also the allocator's peak).
@@ -12,17 +12,16 @@ detections and its time and memory are scaled up linearly (they are linear in N)
 """
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from procmem import in_fresh_process, rss_mb, start_peaks  # noqa: E402  (bench/ is the script folder)
-from hw3real import TABLE  # noqa: E402  (bench/ is the script folder)
+import predict
+from bench.hw3real import TABLE
+from bench.procmem import in_fresh_process, rss_mb, start_peaks
 
 
 def make_output(n, h, w, device, seed=0):
@@ -40,15 +39,12 @@ def make_output(n, h, w, device, seed=0):
 
 
 def run_one(kind, n, h, w, device, queue):
-    import infer
-    from pycocotools import mask as mask_utils
-    from torchvision.models.detection.roi_heads import paste_masks_in_image
     torch.set_num_threads(torch.get_num_threads())
     out = make_output(n, h, w, device)
     base = start_peaks(device.startswith("cuda"))
     t0 = time.perf_counter()
     if kind == "ours":
-        results = infer.to_results(out, 1, 0.5, (h, w))
+        results = predict.to_results(out, 1, 0.5, (h, w))
         count = len(results)
     else:
         masks = paste_masks_in_image(out["mask_probs"], out["boxes"], (h, w))[:, 0] > 0.5

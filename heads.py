@@ -1,5 +1,14 @@
-"""Cascade R-CNN box heads (Cai & Vasconcelos 2018) on torchvision's RoIHeads (HEADS = "cascade").
+"""The RoI heads: what turns RPN proposals into scored boxes and masks, and owns their training losses.
 
+    PresetRoIHeads   HEADS = "standard": torchvision's RoIHeads (one box head, IoU 0.5), whose training
+                     forward computes the LOSSES preset's terms (losses.box_losses, losses.mask_losses);
+                     inference is torchvision's own.
+    CascadeRoIHeads  HEADS = "cascade": Cascade R-CNN's three box stages (Cai & Vasconcelos 2018)
+
+Both are built once, by model.build_model, from the parts of the torchvision RoIHeads that MaskRCNN made
+(`from_torchvision`), and replace it as model.roi_heads.
+
+The cascade:
     proposals -> stage 1 (IoU 0.5) -> refined boxes -> stage 2 (IoU 0.6) -> stage 3 (IoU 0.7) -> boxes
                  each stage: RoIAlign (shared) -> its own box head -> class scores + class-agnostic deltas
 
@@ -24,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import _utils as det_utils
-from torchvision.models.detection.roi_heads import maskrcnn_inference
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.ops import boxes as box_ops
 
 import losses
@@ -43,33 +52,89 @@ def reset_parameters(module):
     return module
 
 
-class CascadeRoIHeads(losses.LossRoIHeads):
-    """Three box stages in place of torchvision's one; RPN proposals, RoIAlign, mask head and the
-    loss preset (LossRoIHeads.preset) are the standard model's."""
+class PresetRoIHeads(RoIHeads):
+    """torchvision's RoIHeads whose training forward computes the LOSSES preset's box and mask terms.
+    Sampling (torchvision's select_training_samples), the layers, inference and the state_dict keys are
+    torchvision's, so checkpoints load under any preset. With `stock` the terms equal torchvision's
+    fastrcnn_loss and maskrcnn_loss."""
+
+    def __init__(self, *args, preset="stock", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.classification = losses.classification(preset)  # refuses an unknown preset
+        self.preset = preset
 
     @classmethod
-    def from_standard(cls, heads, copy_weights=False):
-        """Turn a built model's RoIHeads into a cascade, in place. Stage 1 takes the standard box head
-        and predictor; stages 2 and 3 copies of them, re-initialised unless copy_weights (a pretrained
-        box head: every stage starts from it). Each stage predicts the class scores and 4
-        class-agnostic deltas (a fresh layer in place of the per-class one)."""
-        box_head, predictor = heads.box_head, heads.box_predictor
-        del heads.box_head, heads.box_predictor  # now one per stage
-        heads.__class__ = cls
-        heads.box_heads, heads.box_predictors = nn.ModuleList(), nn.ModuleList()
+    def from_torchvision(cls, heads, **kwargs):
+        """This class built from the parts and settings of a torchvision RoIHeads (as MaskRCNN makes it)."""
+        return cls(heads.box_roi_pool, heads.box_head, heads.box_predictor,
+                   heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
+                   heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction,
+                   heads.box_coder.weights, heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
+                   heads.mask_roi_pool, heads.mask_head, heads.mask_predictor, **kwargs)
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if not self.training:
+            return super().forward(features, proposals, image_shapes)
+        self.check_targets(targets)
+        proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
+        class_logits, box_regression = self.box_predictor(self.box_head(
+            self.box_roi_pool(features, proposals, image_shapes)))
+        all_labels = torch.cat(labels)
+        pos = torch.where(all_labels > 0)[0]
+        deltas = box_regression.reshape(len(all_labels), -1, 4)[pos, all_labels[pos]]  # the cell class's deltas
+        out = losses.box_losses(class_logits, deltas, all_labels, torch.cat(regression_targets)[pos],
+                                torch.cat(proposals)[pos], self.box_coder, self.classification,
+                                ciou=self.preset != "stock")
+        if self.has_mask():
+            out.update(self.mask_training_losses(features, image_shapes, targets, proposals, labels, matched_idxs))
+        return [], out
+
+    def mask_training_losses(self, features, image_shapes, targets, boxes, labels, matched):
+        """The mask head on the sampled cell RoIs of each image (the preset's mask terms)."""
+        pos = [lab > 0 for lab in labels]
+        mask_boxes = [b[p] for b, p in zip(boxes, pos)]
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
+        return losses.mask_losses(mask_logits, mask_boxes, [t["masks"] for t in targets],
+                                  [t["labels"] for t in targets], [m[p] for m, p in zip(matched, pos)],
+                                  extra_terms=self.preset != "stock")
+
+
+class CascadeRoIHeads(PresetRoIHeads):
+    """Three box stages in place of torchvision's one (box_heads, box_predictors: one per stage; there is
+    no single box_head / box_predictor); RPN proposals, RoIAlign, mask head and the loss preset are the
+    standard model's."""
+
+    def __init__(self, box_roi_pool, box_heads, box_predictors, mask_roi_pool, mask_head, mask_predictor, *,
+                 batch_size_per_image, positive_fraction, score_thresh, nms_thresh, detections_per_img,
+                 preset="stock"):
+        super().__init__(box_roi_pool, None, None, STAGE_IOUS[0], STAGE_IOUS[0], batch_size_per_image,
+                         positive_fraction, STAGE_BOX_WEIGHTS[0], score_thresh, nms_thresh, detections_per_img,
+                         mask_roi_pool, mask_head, mask_predictor, preset=preset)
+        self.box_heads, self.box_predictors = nn.ModuleList(box_heads), nn.ModuleList(box_predictors)
+        self.stage_matchers = [det_utils.Matcher(t, t, allow_low_quality_matches=False) for t in STAGE_IOUS]
+        self.stage_coders = [det_utils.BoxCoder(w) for w in STAGE_BOX_WEIGHTS]
+        self.stage_loss_weights = STAGE_LOSS_WEIGHTS
+
+    @classmethod
+    def from_torchvision(cls, heads, copy_weights=False, **kwargs):
+        """A cascade from a torchvision RoIHeads' parts. Stage 1 takes its box head and predictor; stages 2
+        and 3 copies of them, re-initialised unless copy_weights (a pretrained box head: every stage starts
+        from it). Each stage predicts the class scores and 4 class-agnostic deltas (a fresh layer in place
+        of the per-class one)."""
+        box_heads, box_predictors = [], []
         for s in range(len(STAGE_IOUS)):
-            head = box_head if s == 0 else copy.deepcopy(box_head)
-            pred = predictor if s == 0 else copy.deepcopy(predictor)
+            head = heads.box_head if s == 0 else copy.deepcopy(heads.box_head)
+            pred = heads.box_predictor if s == 0 else copy.deepcopy(heads.box_predictor)
             if s > 0 and not copy_weights:
                 reset_parameters(head)
                 reset_parameters(pred)
             pred.bbox_pred = nn.Linear(pred.bbox_pred.in_features, 4)
-            heads.box_heads.append(head)
-            heads.box_predictors.append(pred)
-        heads.stage_matchers = [det_utils.Matcher(t, t, allow_low_quality_matches=False) for t in STAGE_IOUS]
-        heads.stage_coders = [det_utils.BoxCoder(w) for w in STAGE_BOX_WEIGHTS]
-        heads.stage_loss_weights = STAGE_LOSS_WEIGHTS
-        return heads
+            box_heads.append(head)
+            box_predictors.append(pred)
+        return cls(heads.box_roi_pool, box_heads, box_predictors, heads.mask_roi_pool, heads.mask_head,
+                   heads.mask_predictor, batch_size_per_image=heads.fg_bg_sampler.batch_size_per_image,
+                   positive_fraction=heads.fg_bg_sampler.positive_fraction, score_thresh=heads.score_thresh,
+                   nms_thresh=heads.nms_thresh, detections_per_img=heads.detections_per_img, **kwargs)
 
     # ---- training: per-stage sampling and losses ----------------------------------------------
     def sample_stage(self, s, boxes, targets):
@@ -103,7 +168,7 @@ class CascadeRoIHeads(losses.LossRoIHeads):
         """The preset's box terms of stage s (losses.box_losses on class-agnostic deltas)."""
         pos = labels > 0
         return losses.box_losses(class_logits, deltas[pos], labels, regression_targets[pos], boxes[pos],
-                                 self.stage_coders[s], self.loss_classification, ciou=self.preset != "stock")
+                                 self.stage_coders[s], self.classification, ciou=self.preset != "stock")
 
     def combine_stage_losses(self, stage_losses):
         """Each box term summed over the stages with the stage weights (1, 0.5, 0.25)."""
@@ -148,15 +213,6 @@ class CascadeRoIHeads(losses.LossRoIHeads):
             for r, m in zip(result, maskrcnn_inference(mask_logits, [r["labels"] for r in result])):
                 r["masks"] = m
         return result, {}
-
-    def mask_training_losses(self, features, image_shapes, targets, boxes, labels, matched):
-        """The mask head on the last stage's cell RoIs (preset's mask terms)."""
-        pos = [lab > 0 for lab in labels]
-        mask_boxes = [b[p] for b, p in zip(boxes, pos)]
-        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, mask_boxes, image_shapes)))
-        return losses.mask_losses(mask_logits, mask_boxes, [t["masks"] for t in targets],
-                                  [t["labels"] for t in targets], [m[p] for m, p in zip(matched, pos)],
-                                  extra_terms=self.preset != "stock")
 
     def detections(self, boxes, scores):
         """One image's final boxes (N,4) and class probabilities (N,C) -> torchvision's per-class

@@ -1,7 +1,7 @@
 """The peer: the model a user would pick instead of ours. torchvision's stock maskrcnn_resnet50_fpn recipe,
 trained and scored on the same data, split and budget as a train.py run (ablate.py --peer adds its row).
 
-    python bench/peer.py --data-dir data/realistic --run-dir runs/peer --backbone resnet18 --epochs 3 \\
+    python peer.py --data-dir data/realistic --run-dir runs/peer --backbone resnet18 --epochs 3 \\
         --min-size 512 --max-size 683 [--minutes 6] [--weights-backbone resnet18.safetensors]
 
 What is stock (torchvision's models and references/detection/train.py, unchanged):
@@ -27,18 +27,23 @@ import argparse
 import csv
 import io
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops import misc as misc_nn_ops
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's modules (bench/ has its own infer.py)
-import evaluate  # noqa: E402
-from dataset import CellDataset, TestDataset, collate, list_train_ids, split_ids  # noqa: E402
-from utils import NUM_CLASSES, atomic_write, encode_mask, load_checkpoint, save_checkpoint, seed_everything  # noqa: E402
+import engine
+import evaluate
+import losses
+from dataset import CellDataset, TestDataset, collate, list_train_ids, split_ids
+from utils import NUM_CLASSES, atomic_write, encode_mask, load_checkpoint, save_checkpoint, seed_everything
 
+STOCK_WEIGHTS = losses.preset_weights("stock")  # torchvision's five terms, each weighted 1: their plain sum
 REFERENCE = dict(lr_per_16_images=0.02, momentum=0.9, weight_decay=1e-4, lr_steps=(16, 22), epochs=26,
                  lr_gamma=0.1, warmup_factor=1e-3, warmup_iters=1000)
 
@@ -47,10 +52,6 @@ def build_peer(backbone="resnet50", min_size=800, max_size=1333, weights_backbon
     """torchvision's maskrcnn_resnet50_fpn recipe with a torchvision ResNet of the given depth. weights_backbone:
     a local weights file loaded into the ResNet; pretrained=True without a file: the same architecture
     (frozen BatchNorm, 3 trainable layers) for a checkpoint to be loaded over."""
-    import torchvision
-    from torchvision.models.detection import MaskRCNN
-    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-    from torchvision.ops import misc as misc_nn_ops
     if not hasattr(torchvision.models, backbone) or not backbone.startswith(("resnet", "resnext", "wide_resnet")):
         raise SystemExit(f"peer: no torchvision ResNet called {backbone!r} (ours is {backbone!r}; the peer needs "
                          "a torchvision ResNet of the same family: resnet18/34/50/101)")
@@ -157,14 +158,10 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
                 target["boxes"] = torch.stack([w - target["boxes"][:, 2], target["boxes"][:, 1],
                                                w - target["boxes"][:, 0], target["boxes"][:, 3]], 1)
                 target["masks"] = target["masks"].flip(-1)
-            loss_dict = model([image.to(device)], [target])
-            loss = sum(loss_dict.values())
             state["step"] += 1
-            if not torch.isfinite(loss):
+            loss, loss_dict = engine.train_step(model, [image.to(device)], [target], optimizer, STOCK_WEIGHTS)
+            if loss is None:
                 raise FloatingPointError(f"peer: non-finite loss {({k: v.item() for k, v in loss_dict.items()})}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             total += loss.item()
             steps += 1
         if state["epoch"] == 0 and state["step"] >= warmup:

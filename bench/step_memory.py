@@ -1,8 +1,8 @@
 """Training step: the report's configuration (ours) vs torchvision's stock Mask R-CNN path, same
 image, same instances, one run.
 
-    python bench/train.py                                    # CPU: resnet18 backbones, fp32
-    python bench/train.py --device cuda --amp fp16 \\
+    python -m bench.step_memory                                  # CPU: resnet18 backbones, fp32
+    python -m bench.step_memory --device cuda --amp fp16 \\
         --backbone seresnextaa101d_32x8d.sw_in12k_ft_in1k_288 --stock-backbone resnet50   # T4-like
 
 The input is the hardest training image of HW3's kind: 1731 x 2162 px (the largest training image)
@@ -16,12 +16,12 @@ assets/hw3-real/val_geometry_coco.json.gz and placed without overlap.
   GeneralizedRCNNTransform resizes them as one float32 N x H x W tensor, stock losses (the mask
   targets roi_align another float32 copy of all masks); torchvision's resnet FPN backbone.
 
-Each side runs in a fresh process: data seconds, step seconds (forward + backward + AdamW, mean after
-a warm-up step), peak host memory above the process's level after imports, peak GPU memory
+Each side runs in a fresh process: data seconds, step seconds (engine.train_step, the step train.py runs:
+forward + backward + AdamW, ours with train.py's GRAD_CLIP, stock unclipped as torchvision's references;
+mean after a warm-up step), peak host memory above the process's level after imports, peak GPU memory
 (allocator), bytes of the masks handed to the model. Last line: the ours/stock ratios.
 """
 import argparse
-import sys
 import tempfile
 import time
 import warnings
@@ -29,11 +29,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from procmem import in_fresh_process, rss_mb, start_peaks  # noqa: E402  (bench/ is the script folder)
-from hw3real import load_geometry  # noqa: E402
+import engine
+import losses
+import train
+from bench.hw3real import load_geometry
+from bench.procmem import in_fresh_process, rss_mb, start_peaks
+from dataset import CellDataset, instances_from_labels, read_image, read_label_maps, to_tensor
+from model import build_model
 
 
 def make_sample(root, height, width, n, seed=0):
@@ -76,20 +81,17 @@ def make_sample(root, height, width, n, seed=0):
 
 def run_one(kind, args, data_dir, queue):
     warnings.filterwarnings("ignore")
-    import losses
-    from dataset import CellDataset, instances_from_labels, read_image, read_label_maps, to_tensor
-    from model import build_model
-    from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
-    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     device = torch.device(args.device)
     torch.manual_seed(0)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
     if kind == "ours":
-        cfg = dict(BACKBONE=args.backbone, PRETRAINED=False, FREEZE_BN=True, FPN_CHANNELS=256, ROI_BATCH_SIZE=512,
-                   MIN_SIZE=args.min_size, MAX_SIZE=args.max_size, LOSSES="report")
+        cfg = {name: getattr(train, name) for name, _, _ in train.CONFIG}  # train.py's constants, then:
+        cfg.update(BACKBONE=args.backbone, PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=True,  # the recipe's
+                   FPN_CHANNELS=256, ROI_BATCH_SIZE=512, MIN_SIZE=args.min_size, MAX_SIZE=args.max_size,  # frozen BN
+                   SCALE=args.scale, LOSSES="report")  # (random weights: cost only)
         model = build_model(cfg, load_pretrained=False).to(device)
-        weights = losses.preset_weights("report")
+        weights, grad_clip = losses.preset_weights("report"), cfg["GRAD_CLIP"]  # train.py's step, clipping included
     else:
         if args.stock_backbone == "resnet50":
             model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=5,
@@ -98,7 +100,7 @@ def run_one(kind, args, data_dir, queue):
             model = MaskRCNN(resnet_fpn_backbone(backbone_name=args.stock_backbone, weights=None), num_classes=5,
                              min_size=args.min_size, max_size=args.max_size)
         model = model.to(device)
-        weights = losses.preset_weights("stock")
+        weights, grad_clip = losses.preset_weights("stock"), 0.0  # torchvision's references do not clip
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-5, weight_decay=1e-3)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -122,13 +124,10 @@ def run_one(kind, args, data_dir, queue):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss_dict = model([image], [dict(target)])
-        loss = losses.weighted_total({k: v.float() for k, v in loss_dict.items()}, weights)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        loss, _ = engine.train_step(model, [image], [dict(target)], optimizer, weights, scaler=scaler, dtype=dtype,
+                                    grad_clip=grad_clip, step=step + 1)
+        if loss is None:
+            raise FloatingPointError(f"{kind}: non-finite loss at step {step}")
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:

@@ -1,0 +1,290 @@
+"""Predicting: a model and one image -> detections; a dataset -> submission-format records.
+
+Library code that infer.py's command line, train.py's validation and ablate.py call:
+    load_model(checkpoint, device, settings)    the trained model, rebuilt from its checkpoint alone
+    predict_options(trained_cfg, settings)      how to predict (sizing rule of the run, tiles, TTA, NMS, limits)
+    predict_dataset(model, dataset, ...)        [(image id, (H, W), detections)] of a CellDataset / TestDataset
+    to_records(raw, mask_threshold)             -> COCO records (bbox, score, category, compressed RLE)
+
+`settings` is a dict of infer.py's prediction constants (SCORE_THRESHOLD, NMS_THRESHOLD,
+DETECTIONS_PER_IMAGE, MASK_THRESHOLD, INPUT_SCALE, TTA, TTA_SCALES, TILE, TILE_OVERLAP).
+Each image is resized by the run's own sizing rule (dataset.resize_factor), tiled where the input would
+pass MAX_SIZE, optionally flipped/rescaled (TTA) and the passes fused; masks stay box-relative until
+each is pasted into its box region and encoded from there.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.transform import resize_boxes
+from torchvision.ops import batched_nms, box_iou
+from tqdm import tqdm
+
+from dataset import collate, resize_factor, resize_image
+from model import build_model, load_weights
+from utils import load_checkpoint
+
+
+def load_model(checkpoint, device, settings):
+    """Rebuild the trained model from a checkpoint alone, with the settings' score threshold, NMS and
+    detection limit. Returns (model in eval mode, checkpoint)."""
+    ckpt = load_checkpoint(checkpoint)
+    model = build_model(ckpt["config"], load_pretrained=False)
+    load_weights(model, ckpt, checkpoint, averaged=True)  # a run with EMA: its averaged weights
+    set_thresholds(model, settings)
+    return model.to(device).eval(), ckpt
+
+
+def set_thresholds(model, settings):
+    """The RoI heads' score threshold, per-class NMS IoU and detections per image, from the settings."""
+    model.roi_heads.score_thresh = settings["SCORE_THRESHOLD"]
+    model.roi_heads.nms_thresh = settings["NMS_THRESHOLD"]
+    model.roi_heads.detections_per_img = settings["DETECTIONS_PER_IMAGE"]
+    return model
+
+
+def paste_in_box(mask, box, im_h, im_w, threshold):
+    """One MxM mask probability map pasted into its box only, thresholded: (region bool, y0, x0).
+
+    The same arithmetic as torchvision's paste_mask_in_image (integer box after the 1-pixel
+    padding of expand_masks/expand_boxes, bilinear resize, clip to the image), so the pixels
+    equal the stock path's, without the full-size canvas."""
+    w = max(int(box[2] - box[0] + 1), 1)
+    h = max(int(box[3] - box[1] + 1), 1)
+    resized = F.interpolate(mask[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+    x0, x1 = max(int(box[0]), 0), min(int(box[2]) + 1, im_w)
+    y0, y1 = max(int(box[1]), 0), min(int(box[3]) + 1, im_h)
+    if x1 <= x0 or y1 <= y0:
+        return np.zeros((0, 0), bool), 0, 0
+    region = resized[y0 - int(box[1]):y1 - int(box[1]), x0 - int(box[0]):x1 - int(box[0])] > threshold
+    return region.cpu().numpy(), y0, x0
+
+
+def region_rle(region, y0, x0, height, width):
+    """COCO compressed RLE of a full HxW mask that is `region` at (y0, x0) and 0 elsewhere, built from
+    the region's runs alone (pycocotools encodes only full-size arrays)."""
+    if region.size == 0 or not region.any():
+        counts = [height * width]
+    else:
+        columns = np.pad(region.T, ((0, 0), (1, 1))).astype(np.int8)  # image columns (RLE is column-major)
+        step = np.diff(columns, axis=1)
+        cs, rs = np.nonzero(step == 1)
+        ce, re = np.nonzero(step == -1)
+        starts = (x0 + cs) * height + y0 + rs
+        ends = (x0 + ce) * height + y0 + re
+        joined = ends[:-1] == starts[1:]  # a run that ends a column and goes on at the next one's top
+        starts, ends = starts[np.r_[True, ~joined]], ends[np.r_[~joined, True]]
+        counts = np.empty(2 * len(starts) + 1, np.int64)
+        counts[0] = starts[0]
+        counts[2:-1:2] = starts[1:] - ends[:-1]
+        counts[1::2] = ends - starts
+        counts[-1] = height * width - ends[-1]
+        counts = counts.tolist()
+        if counts[-1] == 0:
+            counts.pop()
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def to_results(output, image_id, mask_threshold, image_size):
+    """One image's model output -> submission records (bbox xywh, RLE with str counts).
+
+    Each box-relative mask is pasted into its box region and encoded from there: memory grows with
+    the image, not with detections x image. A detection whose mask is empty after thresholding is
+    dropped: it could only be a false positive, and it would take one of the 100 detections per
+    image and class that the leaderboard counts."""
+    boxes = output["boxes"].detach().cpu()
+    if len(boxes) == 0:
+        return []
+    height, width = (int(v) for v in image_size)
+    probs = output["mask_probs"].detach().cpu().float()
+    probs, scale = expand_masks(probs, padding=1)
+    pasted_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
+    results = []
+    for prob, pbox, box, score, label in zip(probs[:, 0], pasted_boxes, boxes.tolist(), output["scores"].tolist(),
+                                             output["labels"].tolist()):
+        region, y0, x0 = paste_in_box(prob, pbox, height, width, mask_threshold)
+        if not region.any():
+            continue
+        x_min, y_min, x_max, y_max = box
+        results.append({"image_id": int(image_id), "bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
+                        "score": float(score), "category_id": int(label),
+                        "segmentation": region_rle(region, y0, x0, height, width)})
+    return results
+
+
+# ---- one image: the training's sizing rule, tiles, test-time augmentation ------------------------
+FIELDS = ("boxes", "scores", "labels", "mask_probs")
+
+
+def _cat(outputs):
+    return {k: torch.cat([o[k] for o in outputs]) for k in FIELDS}
+
+
+def _select(out, index):
+    return {k: out[k][index] for k in FIELDS}
+
+
+def forward_resized(model, image, factor):
+    """The model on one CxHxW image resized by `factor`; detections on the CPU, boxes in the image's pixels."""
+    x = resize_image(image, factor)
+    out = model([x])[0]
+    out = {k: out[k].detach().cpu() if k == "labels" else out[k].detach().float().cpu() for k in FIELDS}
+    out["boxes"] = resize_boxes(out["boxes"], x.shape[-2:], image.shape[-2:])
+    return out
+
+
+def tile_starts(length, tile, overlap):
+    """Offsets of evenly spread tiles of `tile` px that cover `length` px, neighbours sharing >= overlap px."""
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def tile_cores(starts, tile):
+    """The stretch [lo, hi) each tile owns: overlaps split at their middle, the outer tiles own to infinity."""
+    cuts = [(starts[i + 1] + starts[i] + tile) / 2 for i in range(len(starts) - 1)]
+    return list(zip([-math.inf] + cuts, cuts + [math.inf]))
+
+
+def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit):
+    """Overlapping tiles of tile x tile image pixels, each resized by `factor`. A detection is kept by
+    the tile that owns its box centre, so a cell up to `overlap` px wide comes from a tile that holds it
+    whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice."""
+    overlap = min(overlap, tile // 2)
+    ys, xs = tile_starts(image.shape[-2], tile, overlap), tile_starts(image.shape[-1], tile, overlap)
+    parts = []
+    for y0, (ylo, yhi) in zip(ys, tile_cores(ys, tile)):
+        for x0, (xlo, xhi) in zip(xs, tile_cores(xs, tile)):
+            out = forward_resized(model, image[:, y0:y0 + tile, x0:x0 + tile], factor)
+            out["boxes"] += torch.tensor([x0, y0, x0, y0], dtype=out["boxes"].dtype)
+            cx = (out["boxes"][:, 0] + out["boxes"][:, 2]) / 2
+            cy = (out["boxes"][:, 1] + out["boxes"][:, 3]) / 2
+            parts.append(_select(out, (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)))
+    out = _cat(parts)
+    keep = batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)[:limit]
+    return _select(out, keep)
+
+
+def predict_image(model, image, opts, scale_mult=1.0):
+    """One CxHxW image of any size -> detections in its own pixels. The image is resized by the
+    training's rule (dataset.resize_factor with the run's MIN_SIZE/MAX_SIZE/SCALE) times scale_mult;
+    where that input would pass MAX_SIZE it is cut into overlapping tiles (opts['tile']), else shrunk to fit."""
+    min_size, max_size, scale = opts["sizing"]
+    h, w = image.shape[-2:]
+    factor = resize_factor(h, w, min_size, max_size, scale, cap=False) * scale_mult
+    if opts["tile"] and max(h, w) * factor > max_size * (1 + 1e-6):
+        return predict_tiled(model, image, factor, int(max_size / factor), opts["overlap"], opts["nms"], opts["limit"])
+    return forward_resized(model, image, min(factor, max_size / max(h, w)))
+
+
+def tta_passes(mode, scales):
+    """(flipped dims, scale multiplier) of each test-time pass."""
+    flips = [((), 1.0), ((-1,), 1.0), ((-2,), 1.0)]
+    passes = {"none": flips[:1], "flips": flips,
+              "flips+scales": flips + [((), float(s)) for s in scales if float(s) != 1.0]}
+    if mode not in passes:
+        raise ValueError(f"TTA {mode!r}: choose none, flips or flips+scales")
+    return passes[mode]
+
+
+def unflip(out, dims, height, width):
+    """Detections of a flipped image back in the image's frame (boxes mirrored, 28x28 masks flipped)."""
+    boxes, probs = out["boxes"].clone(), out["mask_probs"]
+    if -1 in dims:
+        boxes[:, [0, 2]] = width - boxes[:, [2, 0]]
+        probs = probs.flip(-1)
+    if -2 in dims:
+        boxes[:, [1, 3]] = height - boxes[:, [3, 1]]
+        probs = probs.flip(-2)
+    return {**out, "boxes": boxes, "mask_probs": probs}
+
+
+def resample_masks(probs, src_boxes, dst_boxes):
+    """(N,M,M) box-relative mask probabilities over src_boxes, sampled on the MxM grid of dst_boxes."""
+    m = probs.shape[-1]
+    t = (torch.arange(m, dtype=probs.dtype) + 0.5) / m
+
+    def axis(lo, hi):  # destination cell centres in the source box's [-1, 1] (grid_sample, align_corners=False)
+        coords = dst_boxes[:, lo, None] + t * (dst_boxes[:, hi] - dst_boxes[:, lo])[:, None]
+        return 2 * (coords - src_boxes[:, lo, None]) / (src_boxes[:, hi] - src_boxes[:, lo]).clamp(min=1e-6)[:, None] - 1
+    gx, gy = axis(0, 2), axis(1, 3)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), -1)
+    return F.grid_sample(probs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+
+
+def fuse_detections(outputs, iou_threshold, limit):
+    """Merge the detections of several passes (weighted box and mask fusion; torchvision has only NMS).
+
+    A class-wise box NMS over all passes picks one representative per cell; every detection joins the
+    same-class representative it overlaps most (IoU > iou_threshold). A cell's box and 28x28 mask
+    probabilities are the score-weighted means of its members' (masks resampled into the fused box);
+    its score is the members' score sum over the number of passes, never above its best member's, so
+    a cell that one pass of three found scores a third."""
+    out = _cat(outputs)
+    if len(out["boxes"]) == 0:
+        return out
+    keep = batched_nms(out["boxes"], out["scores"], out["labels"], iou_threshold)[:limit]
+    iou = torch.nan_to_num(box_iou(out["boxes"][keep], out["boxes"]), nan=0.0)
+    iou[out["labels"][keep][:, None] != out["labels"][None]] = -1.0
+    iou[torch.arange(len(keep)), keep] = 2.0  # a representative is its own member, also a zero-area one
+    best, owner = iou.max(0)
+    member = best > iou_threshold
+    idx, w = owner[member], out["scores"][member]
+    k = len(keep)
+    wsum = torch.zeros(k).index_add_(0, idx, w)
+    boxes = torch.zeros(k, 4).index_add_(0, idx, w[:, None] * out["boxes"][member]) / wsum[:, None]
+    top = torch.zeros(k).scatter_reduce_(0, idx, w, "amax", include_self=False)
+    scores = torch.minimum(wsum / len(outputs), top)
+    probs = resample_masks(out["mask_probs"][member, 0], out["boxes"][member], boxes[idx])
+    masks = torch.zeros(k, *probs.shape[1:]).index_add_(0, idx, w[:, None, None] * probs) / wsum[:, None, None]
+    order = scores.argsort(descending=True)
+    return {"boxes": boxes[order], "scores": scores[order], "labels": out["labels"][keep][order],
+            "mask_probs": masks[order, None]}
+
+
+def predict_tta(model, image, opts):
+    """Detections of one image with the test-time augmentation of opts['tta'] (passes fused)."""
+    h, w = image.shape[-2:]
+    outs = [unflip(predict_image(model, image.flip(dims) if dims else image, opts, mult), dims, h, w)
+            for dims, mult in tta_passes(opts["tta"], opts["tta_scales"])]
+    return outs[0] if len(outs) == 1 else fuse_detections(outs, opts["nms"], opts["limit"])
+
+
+def predict_options(trained, settings):
+    """How to predict, from a run's configuration (its sizing rule) and the prediction settings."""
+    tta_passes(settings["TTA"], settings["TTA_SCALES"])  # refuse an unknown mode now, not after the first image
+    return {"sizing": (trained["MIN_SIZE"], trained["MAX_SIZE"], settings["INPUT_SCALE"] or trained["SCALE"]),
+            "tta": settings["TTA"], "tta_scales": settings["TTA_SCALES"], "tile": settings["TILE"],
+            "overlap": settings["TILE_OVERLAP"], "nms": settings["NMS_THRESHOLD"],
+            "limit": settings["DETECTIONS_PER_IMAGE"], "mask_threshold": settings["MASK_THRESHOLD"]}
+
+
+def image_id(meta):
+    """The image id of a dataset item's second half: a CellDataset target's index, a TestDataset record's id."""
+    return meta["image_id"] if "image_id" in meta else meta["id"]
+
+
+@torch.no_grad()
+def predict_dataset(model, dataset, device, opts, num_workers=0, desc="predict"):
+    """The model over a dataset, one image at a time in order: [(image id, (H, W), detections)]."""
+    model.eval()
+    raw = []
+    for images, metas in tqdm(in_order_loader(dataset, num_workers), desc=desc, leave=False, dynamic_ncols=True):
+        for image, meta in zip(images, metas):
+            raw.append((image_id(meta), tuple(image.shape[-2:]), predict_tta(model, image.to(device), opts)))
+    return raw
+
+
+def to_records(raw, mask_threshold):
+    return [r for image_id, size, out in raw for r in to_results(out, image_id, mask_threshold, size)]
+
+
+def in_order_loader(dataset, num_workers=0):
+    """One image at a time, in the dataset's order (validation and test)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=1, shuffle=False, collate_fn=collate,
+                                       num_workers=num_workers)
