@@ -1,11 +1,10 @@
 """Ablation: the report's tables in one command. Trains every combination of the varied constants on the
-same data, split, seed and budget, through train.py's own code, each in its own run folder under --out,
-and scores every run on the same held-out test images (DATA_DIR/test_gt_coco.json, as
-bench/realistic_data.py writes it).
+same data, split and budget, through train.py's own code, each in its own run folder under --out, with one
+or more seeds, and scores every run on the same held-out test images (DATA_DIR/test_gt_coco.json, as
+`python -m bench.realistic_data` writes it).
 
-    python ablate.py --data-dir data/realistic --out runs/ablation-real \\
-        --vary losses=stock,ciou_dice_boundary,report --peer --minutes 6 \\
-        -- --backbone resnet18 --pretrained false --min-size 512 --max-size 683 --epochs 30
+    python ablate.py --data-dir data/realistic --out runs/vs-peer --seeds 3 --peer --minutes 6 \\
+        --vary scale=0,1 -- --backbone resnet18 --pretrained false --min-size 512 --max-size 512 --epochs 30
     python ablate.py ... --vary mask-threshold=0.5,0.6,0.7 -- ...          # inference only: no retraining
     python ablate.py ... --vary 'loss-weights=[{"loss_box_ciou": 1}, {"loss_box_ciou": 5}]' -- ...
 
@@ -14,16 +13,22 @@ of its "run" section, or one of infer.py's prediction constants (SCORE_THRESHOLD
 reuse the trained checkpoint). Everything after `--` goes to every train.py run.
 --each trains the levers one at a time against the shared configuration (a 'base' row, then one row per
 value: `--each --vary heads=cascade --vary ema=0.999`) instead of every combination.
---peer adds torchvision's stock Mask R-CNN (peer.py) on the same data, split, input size and budget.
+--seeds N trains every row with N seeds (SEED, SEED+1, ...: initialisation, data order and augmentation vary,
+the val split, SPLIT_SEED, stays) and reports mean +- sd of each score.
+--peer adds torchvision's stock Mask R-CNN (peer.py), tuned as a user would: each optimiser setting of
+peer.GRID trains with the first seed and the same budget, the best final val AP50 picks one (the test images
+are never looked at for it), and that setting trains with every seed: the "peer (tuned)" row, and the ratio
+of each row's test AP50 to it, seed by seed.
 
-Scores (segm, pycocotools): AP50 at maxDets 100 (the leaderboard's), AP50 at maxDets 1000, AP@[.5:.95],
-per-class AP50, training seconds. Writes ablation.csv, ablation.md (a README-ready table) and ablation.png
-(every run's val AP50 per epoch). Resumable: a scored run is skipped, an interrupted one continues
-(train.py --resume), a trained one is only scored.
+Scores (segm, pycocotools): AP50 at maxDets 100 (the leaderboard's) and its share of the ceiling that maxDets
+leaves (evaluate.ceiling), AP50 at maxDets 1000, AP@[.5:.95], per-class AP50, training steps and seconds.
+Runs go one at a time, so machine load hits ours and the peer alike; --minutes gives each the same training
+wall-clock. Writes ablation.csv (a row per run), ablation.md (the README-ready table: mean +- sd over seeds)
+and ablation.png (every run's val AP50 per epoch). Resumable: a scored run is skipped, an interrupted one
+continues (train.py --resume), a trained one is only scored.
 """
 import argparse
 import csv
-import io
 import itertools
 import json
 import math
@@ -43,13 +48,16 @@ import train
 from dataset import DataError, TestDataset
 from model import PretrainedWeightsError
 from predict import load_model, predict_dataset, predict_options, to_records
-from utils import CheckpointError, _parse_bool, atomic_write, load_checkpoint, pick_device, save_json
+from utils import (CheckpointError, _parse_bool, atomic_write, load_checkpoint, pick_device, save_figure, save_json,
+                   write_csv)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-SCORE_FIELDS = ["ap50", "ap50_maxdets1000", "ap", "ap50_class1", "ap50_class2", "ap50_class3", "ap50_class4",
-                "train_seconds", "epochs"]
+SCORE_FIELDS = ["ap50", "ap50_share", "ap50_maxdets1000", "ap", "ap50_class1", "ap50_class2", "ap50_class3",
+                "ap50_class4", "steps", "train_seconds", "epochs"]
+TABLE_FIELDS = [("AP50", "ap50"), ("of ceiling", "ap50_share"), ("AP50 (1000 dets)", "ap50_maxdets1000"),
+                ("AP@[.5:.95]", "ap"), ("steps", "steps"), ("train s", "train_seconds")]
 
 
 def constants():
@@ -114,11 +122,13 @@ def device_name(device):
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def score(records, coco_gt, train_seconds, epochs):
+def score(records, coco_gt, state):
+    """A run's test scores from its records and its last training state (steps, seconds, epochs)."""
     m100 = evaluate.coco_evaluate(coco_gt, records, max_dets=100)
     m1000 = evaluate.coco_evaluate(coco_gt, records, max_dets=1000)
-    row = {"ap50": m100["ap50"], "ap50_maxdets1000": m1000["ap50"], "ap": m100["ap"],
-           "train_seconds": round(train_seconds, 1), "epochs": epochs}
+    row = {"ap50": m100["ap50"], "ap50_share": m100["ap50"] / evaluate.ceiling(coco_gt)["ap50"],
+           "ap50_maxdets1000": m1000["ap50"], "ap": m100["ap"], "steps": state["step"],
+           "train_seconds": round(state.get("train_seconds", float("nan")), 1), "epochs": state["epoch"]}
     row.update({f"ap50_class{k}": v for k, v in m100["per_class_ap50"].items()})
     return row
 
@@ -128,9 +138,35 @@ def score_ours(run_dir, data_dir, inference, device, coco_gt):
     settings = infer.prediction_settings(**inference)
     model, ckpt = load_model(run_dir / "best.pt", device, settings)
     raw = predict_dataset(model, TestDataset(data_dir), device, predict_options(ckpt["config"], settings), desc="test")
-    records = to_records(raw, settings["MASK_THRESHOLD"])
-    state = load_checkpoint(run_dir / "last.pt")["state"]
-    return score(records, coco_gt, state.get("train_seconds", float("nan")), state["epoch"])
+    return score(to_records(raw, settings["MASK_THRESHOLD"]), coco_gt, load_checkpoint(run_dir / "last.pt")["state"])
+
+
+def mean_sd(values):
+    """(mean, sample standard deviation) of the finite values; sd 0 for one value, NaN for none."""
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not values:
+        return float("nan"), float("nan")
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, sd
+
+
+def aggregate(rows, peer_label="peer (tuned)"):
+    """The runs grouped by label (seeds of one configuration): {label: {field: (mean, sd)}, ...} in order of
+    first appearance, with 'seeds' and, where the tuned peer is in the rows, 'vs_peer': each seed's AP50 over
+    the peer's AP50 of the same seed, as (mean, sd)."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["label"], []).append(r)
+    peer = {r["seed"]: r["ap50"] for r in groups.get(peer_label, [])}
+    out = {}
+    for label, runs in groups.items():
+        agg = {f: mean_sd([r[f] for r in runs]) for f in SCORE_FIELDS}
+        agg["seeds"] = len(runs)
+        ratios = [r["ap50"] / peer[r["seed"]] for r in runs if peer.get(r["seed"])]
+        agg["vs_peer"] = mean_sd(ratios) if ratios else (float("nan"), float("nan"))
+        out[label] = agg
+    return out
 
 
 def val_curve(run_dir):
@@ -142,46 +178,57 @@ def val_curve(run_dir):
     return [(int(r["epoch"]), float(r["val_ap50"])) for r in rows if r.get("val_ap50") not in (None, "")]
 
 
-def write_outputs(out, rows, varied_names, header):
-    fields = ["run", *[n.lower() for n in varied_names], *SCORE_FIELDS]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    with atomic_write(out / "ablation.csv", "w") as f:
-        f.write(buf.getvalue())
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) and not math.isnan(v) else ("-" if isinstance(v, float) else str(v))  # noqa: E731
-    cols = ["run", *[n.lower() for n in varied_names], "AP50", "AP50 (1000 dets)", "AP@[.5:.95]",
-            "AP50 class 1 / 2 / 3 / 4", "train s", "epochs"]
+def fmt(value, sd=None, digits=3):
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    text = f"{value:.{digits}f}"
+    return text + (f" ± {sd:.{digits}f}" if sd is not None and not math.isnan(sd) else "")
+
+
+def markdown(rows, varied_names, header, grid):
+    """The README-ready table: one line per configuration, mean ± sd over its seeds; then the peer's grid."""
+    agg = aggregate(rows)
+    cols = ["run", *[n.lower() for n in varied_names], "seeds", *[name for name, _ in TABLE_FIELDS],
+            "AP50 class 1 / 2 / 3 / 4", "× tuned peer"]
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + " --- |" * len(cols)]
+    first = {}
     for r in rows:
-        per_class = " / ".join(fmt(r[f"ap50_class{k}"]) for k in range(1, 5))
-        lines.append("| " + " | ".join([r["run"], *[str(r.get(n.lower(), "")) for n in varied_names],
-                                         fmt(r["ap50"]), fmt(r["ap50_maxdets1000"]), fmt(r["ap"]), per_class,
-                                         f"{r['train_seconds']:.0f}", str(r["epochs"])]) + " |")
+        first.setdefault(r["label"], r)
+    for label, a in agg.items():
+        digits = {"steps": 0, "train_seconds": 0}
+        cells = [label, *[str(first[label].get(n.lower(), "")) for n in varied_names], str(a["seeds"])]
+        cells += [fmt(*a[f], digits=digits.get(f, 3)) for _, f in TABLE_FIELDS]
+        cells.append(" / ".join(fmt(a[f"ap50_class{k}"][0]) for k in range(1, 5)))
+        cells.append(fmt(*a["vs_peer"], digits=2) if not math.isnan(a["vs_peer"][0]) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    if grid:
+        lines += ["", "The peer's optimiser grid (first seed, same budget), chosen on val AP50 (its final weights):", "",
+                  "| optimiser | lr | val AP50 | steps | train s | |", "| --- | --- | --- | --- | --- | --- |"]
+        for g in grid:
+            lines.append(f"| {g['optimizer']} | {g['lr']:g} | {fmt(g['val_ap50'])} | {g['steps']} | "
+                         f"{g['train_seconds']:.0f} | {'chosen' if g['chosen'] else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(out, rows, varied_names, header, grid=()):
+    write_csv(out / "ablation.csv", rows, ["label", "seed", *[n.lower() for n in varied_names], *SCORE_FIELDS, "run_dir"])
     with atomic_write(out / "ablation.md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(markdown(rows, varied_names, header, grid))
     fig, ax = plt.subplots(figsize=(7, 4))
-    seen = set()
-    for r in rows:
-        if r["run_dir"] in seen:
-            continue
-        seen.add(r["run_dir"])
-        curve = val_curve(r["run_dir"])
+    for run_dir in dict.fromkeys(r["run_dir"] for r in rows):
+        curve = val_curve(run_dir)
         if curve:
-            ax.plot(*zip(*curve), "o-", label=Path(r["run_dir"]).name)
+            ax.plot(*zip(*curve), "o-", label=Path(run_dir).name)
     ax.set_xlabel("epoch")
     ax.set_ylabel("val AP50 (segm, maxDets 100)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=100)
+    save_figure(fig, out / "ablation.png")
     plt.close(fig)
-    with atomic_write(out / "ablation.png", "wb") as f:
-        f.write(png.getvalue())
 
 
-def main(argv=None):
+def parse_args(argv):
+    """(ablate.py's own arguments, the train.py arguments after `--`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     shared = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
@@ -191,10 +238,104 @@ def main(argv=None):
     ap.add_argument("--vary", action="append", default=[], metavar="NAME=v1,v2", help="repeatable")
     ap.add_argument("--each", action="store_true", help="one training constant at a time against the shared "
                     "configuration (the 'base' row), instead of every combination")
-    ap.add_argument("--peer", action="store_true", help="add torchvision's stock Mask R-CNN (peer.py)")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per row (SEED, SEED+1, ...; the split stays)")
+    ap.add_argument("--peer", action="store_true", help="add torchvision's stock Mask R-CNN (peer.py), its "
+                    "optimiser chosen on val from peer.GRID")
     ap.add_argument("--peer-backbone", default="", help="the peer's torchvision ResNet (default: ours' BACKBONE)")
     ap.add_argument("--minutes", type=float, default=0.0, help="training minutes per run (MAX_MINUTES)")
     args = ap.parse_args(own)
+    if args.seeds < 1:
+        raise SystemExit("--seeds: at least 1")
+    args.own = own
+    return args, shared
+
+
+def grids(varied, training, inference, each):
+    """(training assignments, inference assignments): every combination, or with `each` the base and each
+    training value alone."""
+    train_axes = [(n, v) for n, v in varied if n in training]
+    infer_axes = [(n, v) for n, v in varied if n in inference]
+    if each:
+        train_grid = [()] + [((n, v),) for n, vs in train_axes for v in vs]
+    else:
+        train_grid = list(itertools.product(*[[(n, v) for v in vs] for n, vs in train_axes]))
+    return train_grid, list(itertools.product(*[[(n, v) for v in vs] for n, vs in infer_axes]))
+
+
+def check_settings(out, settings):
+    """A rerun continues the same grid: its runs must share one setting (else scores would be reused wrongly)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "ablate.json").is_file():
+        before = json.loads((out / "ablate.json").read_text())
+        if before != settings:
+            raise SystemExit(f"{out} holds runs made with other settings ({before}); their scores would be reused "
+                             f"under the new ones ({settings}): use another --out, or the same flags")
+    else:
+        save_json(settings, out / "ablate.json")
+
+
+def run_ours(out, base, assignment, seed, seeds, infer_grid, inference, data_dir, device, coco_gt, where):
+    """One configuration with one seed: trained (or continued) unless every score is there, then scored with
+    each inference assignment. Returns its rows."""
+    name = run_name(assignment)
+    label, seed_flags = name, []
+    if len(seeds) > 1:
+        name, seed_flags = f"{name},seed={seed}", ["--seed", str(seed)]
+    run_dir = out / name
+    pending = [inf for inf in infer_grid if not (run_dir / f"score-{run_name(inf)}.json").is_file()]
+    state = "scored" if not pending else ("continuing" if (run_dir / "last.pt").exists() else "training")
+    print(f"[ablate] {where}: {name} ({state})", flush=True)
+    if pending:
+        resume = ["--resume"] if (run_dir / "last.pt").exists() else []
+        train.main(base + ["--run-dir", str(run_dir)] + flags(assignment) + seed_flags + resume)
+    rows = []
+    for inf in infer_grid:
+        path = run_dir / f"score-{run_name(inf)}.json"
+        if not path.is_file():
+            print(f"[ablate] {where}: {name}: scoring {run_name(inf)} on the test images", flush=True)
+            save_json(score_ours(run_dir, data_dir, {n: typed(n, v, inference[n]) for n, v in inf}, device, coco_gt),
+                      path)
+        rows.append({"label": label if not inf else f"{label} / {run_name(inf)}", "seed": seed, "run_dir": str(run_dir),
+                     **{n.lower(): v for n, v in assignment}, **{n.lower(): v for n, v in inf},
+                     **json.loads(path.read_text())})
+    return rows
+
+
+def run_peer(out, cfg, args, seeds, data_dir, device, coco_gt):
+    """The tuned peer: peer.GRID with the first seed, the best final val AP50 chosen, then that setting with
+    every seed, scored on the test images. Returns (rows, grid summary)."""
+    if cfg["PRETRAINED"] and not cfg["PRETRAINED_WEIGHTS"]:
+        raise SystemExit("--peer never downloads: with pretrained weights, give them as a local file "
+                         "(--pretrained-weights FILE after --), or train both from scratch")
+
+    def trained(optimizer, lr, seed):
+        run_dir = out / "peer" / (f"{optimizer}-{lr:g}" + (f",seed={seed}" if seed != seeds[0] else ""))
+        print(f"[ablate] peer {optimizer} lr {lr:g}, seed {seed}", flush=True)
+        last = peer.train_peer(data_dir, run_dir, args.peer_backbone or cfg["BACKBONE"], cfg["EPOCHS"], args.minutes,
+                               cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["VAL_FRACTION"], seed, cfg["PRETRAINED_WEIGHTS"],
+                               str(device), optimizer=optimizer, lr=lr, split_seed=cfg["SPLIT_SEED"])
+        return run_dir, load_checkpoint(last)["state"]
+
+    grid = []
+    for optimizer, lr in peer.GRID:
+        run_dir, state = trained(optimizer, lr, seeds[0])
+        final = state["history"][-1]["val_ap50"] if state["history"] else float("nan")
+        grid.append({"optimizer": optimizer, "lr": lr, "val_ap50": final, "steps": state["step"],
+                     "train_seconds": state["train_seconds"], "chosen": False})
+    best = max(grid, key=lambda g: -math.inf if math.isnan(g["val_ap50"]) else g["val_ap50"])
+    best["chosen"] = True
+    rows = []
+    for seed in seeds:
+        run_dir, state = trained(best["optimizer"], best["lr"], seed)
+        path = run_dir / "score.json"
+        if not path.is_file():
+            save_json(score(peer.test_records(run_dir / "last.pt", data_dir, str(device)), coco_gt, state), path)
+        rows.append({"label": "peer (tuned)", "seed": seed, "run_dir": str(run_dir), **json.loads(path.read_text())})
+    return rows, grid
+
+
+def main(argv=None):
+    args, shared = parse_args(argv)
     varied = parse_vary(args.vary)
     training, inference = constants()
     out, data_dir = Path(args.out), Path(args.data_dir)
@@ -202,65 +343,26 @@ def main(argv=None):
     cfg, _ = train.resolve_config(base + ["--run-dir", str(out / "_")])  # the shared configuration
     coco_gt = evaluate.test_ground_truth(data_dir)
     device = pick_device(cfg["DEVICE"])
-    train_axes = [(n, v) for n, v in varied if n in training]
-    infer_axes = [(n, v) for n, v in varied if n in inference]
-    if args.each:  # the levers one by one: base, then each value of each varied constant alone
-        train_grid = [()] + [((n, v),) for n, vs in train_axes for v in vs]
-    else:
-        train_grid = list(itertools.product(*[[(n, v) for v in vs] for n, vs in train_axes]))
-    infer_grid = list(itertools.product(*[[(n, v) for v in vs] for n, vs in infer_axes]))
-    total = len(train_grid) + bool(args.peer)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = {"data_dir": str(data_dir), "minutes": args.minutes, "shared": shared}
-    if (out / "ablate.json").is_file():  # a rerun continues the same grid: its runs must share one setting
-        before = json.loads((out / "ablate.json").read_text())
-        if before != settings:
-            raise SystemExit(f"{out} holds runs made with other settings ({before}); their scores would be reused "
-                             f"under the new ones ({settings}): use another --out, or the same flags")
-    else:
-        save_json(settings, out / "ablate.json")
-    t_start = time.time()
-    rows = []
+    seeds = [cfg["SEED"] + i for i in range(args.seeds)]
+    train_grid, infer_grid = grids(varied, training, inference, args.each)
+    check_settings(out, {"data_dir": str(data_dir), "minutes": args.minutes, "shared": shared, "seeds": args.seeds})
+    t_start, rows, grid = time.time(), [], []
+    names = [n for n, _ in varied]
     for i, assignment in enumerate(train_grid, start=1):
-        name = run_name(assignment)
-        run_dir = out / name
-        pending = [inf for inf in infer_grid if not (run_dir / f"score-{run_name(inf)}.json").is_file()]
-        state = "scored" if not pending else ("continuing" if (run_dir / "last.pt").exists() else "training")
-        print(f"[ablate] run {i}/{total}: {name} ({state})", flush=True)
-        if pending:
-            resume = ["--resume"] if (run_dir / "last.pt").exists() else []
-            train.main(base + ["--run-dir", str(run_dir)] + flags(assignment) + resume)
-        for inf in infer_grid:
-            path = run_dir / f"score-{run_name(inf)}.json"
-            if not path.is_file():
-                values = {n: typed(n, v, inference[n]) for n, v in inf}
-                print(f"[ablate] run {i}/{total}: {name}: scoring {run_name(inf)} on the test images", flush=True)
-                save_json(score_ours(run_dir, data_dir, values, device, coco_gt), path)
-            row = json.loads(path.read_text())
-            rows.append({"run": name if not inf else f"{name} / {run_name(inf)}", "run_dir": str(run_dir),
-                         **{n.lower(): v for n, v in assignment}, **{n.lower(): v for n, v in inf}, **row})
-        write_outputs(out, rows, [n for n, _ in varied], "")
+        for seed in seeds:
+            rows += run_ours(out, base, assignment, seed, seeds, infer_grid, inference, data_dir, device, coco_gt,
+                             f"run {i}/{len(train_grid)}, seed {seed}")
+            write_outputs(out, rows, names, "")
     if args.peer:
-        run_dir = out / "peer"
-        path = run_dir / "score.json"
-        print(f"[ablate] run {total}/{total}: peer ({'scored' if path.is_file() else 'training'})", flush=True)
-        if not path.is_file():
-            if cfg["PRETRAINED"] and not cfg["PRETRAINED_WEIGHTS"]:
-                raise SystemExit("--peer never downloads: with pretrained weights, give them as a local file "
-                                 "(--pretrained-weights FILE after --), or train both from scratch")
-            last = peer.train_peer(data_dir, run_dir, args.peer_backbone or cfg["BACKBONE"], cfg["EPOCHS"],
-                                   args.minutes, cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["VAL_FRACTION"], cfg["SEED"],
-                                   cfg["PRETRAINED_WEIGHTS"], str(device))
-            state = load_checkpoint(last)["state"]
-            save_json(score(peer.test_records(last, data_dir, str(device)), coco_gt, state["train_seconds"],
-                            state["epoch"]), path)
-        rows.append({"run": "peer (torchvision stock)", "run_dir": str(run_dir), **json.loads(path.read_text())})
+        peer_rows, grid = run_peer(out, cfg, args, seeds, data_dir, device, coco_gt)
+        rows += peer_rows
     budget = f"{cfg['EPOCHS']} epochs" + (f" or {args.minutes:g} min of training per run" if args.minutes else "")
-    header = (f"`python ablate.py {' '.join(own)} -- {' '.join(shared)}` on {data_dir} "
+    header = (f"`python ablate.py {' '.join(args.own)} -- {' '.join(shared)}` on {data_dir} "
               f"({len(list((data_dir / 'train').iterdir()))} training images incl. val, "
-              f"{len(coco_gt.getImgIds())} test images); budget {budget}; device {device_name(device)}; "
+              f"{len(coco_gt.getImgIds())} test images; {evaluate.format_ceiling(evaluate.ceiling(coco_gt))}); "
+              f"seeds {', '.join(map(str, seeds))}; budget {budget}; runs one at a time on {device_name(device)}; "
               f"this invocation {time.time() - t_start:.0f} s")
-    write_outputs(out, rows, [n for n, _ in varied], header)
+    write_outputs(out, rows, names, header, grid)
     print((out / "ablation.md").read_text())
     return rows
 

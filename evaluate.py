@@ -57,6 +57,41 @@ def coco_evaluate(coco_gt, results, max_dets=100, img_ids=None):
     return {"ap50": stats[1], "ap": stats[0], "ap75": stats[2], "per_class_ap50": per_class}
 
 
+def ceiling(coco_gt, max_dets=100, img_ids=None):
+    """The highest AP50 any submission can reach on this ground truth, the metric keeping at most `max_dets`
+    detections per image and class (pycocotools' maxDets). In an image with n cells of a class, at most
+    min(max_dets, n) can be found, so a class's recall is capped at sum(min(max_dets, n)) / sum(n) over the
+    images; a perfect submission has precision 1 up to that recall and none beyond, so its AP is the share
+    of pycocotools' 101 recall thresholds at or below the cap. AP50 is the mean over classes with cells.
+    Returns {'ap50', 'per_class': {k: {'cells', 'reachable', 'recall', 'ap50'}}, 'capped': [(image id, class,
+    cells)] where the cap bites, most cells first}."""
+    img_ids = sorted(coco_gt.getImgIds()) if img_ids is None else list(img_ids)
+    thresholds = np.linspace(0.0, 1.0, 101)  # COCOeval's recThrs
+    per_class, capped = {}, []
+    for k in range(1, NUM_CLASSES + 1):
+        counts = [(i, len(coco_gt.getAnnIds(imgIds=[i], catIds=[k], iscrowd=False))) for i in img_ids]
+        cells = sum(n for _, n in counts)
+        if cells == 0:
+            continue
+        reachable = sum(min(max_dets, n) for _, n in counts)
+        recall = reachable / cells
+        per_class[k] = {"cells": cells, "reachable": reachable, "recall": recall,
+                        "ap50": float((thresholds <= recall).mean())}
+        capped += [(i, k, n) for i, n in counts if n > max_dets]
+    ap50 = float(np.mean([c["ap50"] for c in per_class.values()])) if per_class else float("nan")
+    return {"ap50": ap50, "per_class": per_class, "capped": sorted(capped, key=lambda c: -c[2])}
+
+
+def format_ceiling(limit, ap50=None, max_dets=100):
+    """One line: the ceiling of AP50 (maxDets max_dets), per class where it caps recall, and AP50 as its share."""
+    capped = [f"class {k} recall <= {c['recall']:.2f}" for k, c in limit["per_class"].items() if c["recall"] < 1]
+    return (f"AP50 ceiling (maxDets {max_dets}) {limit['ap50']:.3f}"
+            + (f" ({', '.join(capped)}; {len(limit['capped'])} image-class pair(s) over {max_dets} cells)"
+               if capped else " (no image holds more cells of a class than the metric counts)")
+            + (f"; AP50 {ap50:.4f} is {ap50 / limit['ap50']:.0%} of it" if ap50 is not None and limit["ap50"] > 0
+               else ""))
+
+
 def matching_accuracy(coco_gt, results, iou_threshold=0.5, min_score=0.5):
     """The cell papers' accuracy (Cellpose, StarDist): TP / (TP + FP + FN) over all images, where
     predictions scoring at least min_score are matched one-to-one to ground-truth instances of any

@@ -41,7 +41,6 @@ import losses
 STAGE_IOUS = (0.5, 0.6, 0.7)
 STAGE_BOX_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
 STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
-BOX_TERMS = ("loss_classifier", "loss_box_reg", "loss_box_ciou")
 
 
 def reset_parameters(module):
@@ -76,6 +75,11 @@ class PresetRoIHeads(RoIHeads):
         if not self.training:
             return super().forward(features, proposals, image_shapes)
         self.check_targets(targets)
+        for t in targets:  # the checks torchvision's RoIHeads.forward makes first
+            if not t["boxes"].is_floating_point():
+                raise TypeError(f"target boxes must be of float type, instead got {t['boxes'].dtype}")
+            if t["labels"].dtype != torch.int64:
+                raise TypeError(f"target labels must be of int64 type, instead got {t['labels'].dtype}")
         proposals, matched_idxs, labels, regression_targets = self.select_training_samples(proposals, targets)
         class_logits, box_regression = self.box_predictor(self.box_head(
             self.box_roi_pool(features, proposals, image_shapes)))

@@ -216,14 +216,18 @@ def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
     metrics["ap50_maxdets1000"] = evaluate.coco_evaluate(coco_gt, results, max_dets=1000)["ap50"]
     metrics.update(evaluate.matching_accuracy(coco_gt, results))
     print_metrics(metrics, len(dataset), len(results))
+    print("  " + evaluate.format_ceiling(evaluate.ceiling(coco_gt), metrics["ap50"]))
+    capped = evaluate.ceiling(coco_gt)["capped"]
+    if capped:
+        print("  most capped: " + ", ".join(f"{dataset.ids[i]} class {k}: {n} cells" for i, k, n in capped[:5]))
     out_dir = Path(checkpoint).parent
     if cfg["SWEEP"]:
         table = sweep(raw, coco_gt, sorted({*SWEEP_MASK_THRESHOLDS, cfg["MASK_THRESHOLD"]}),
                       sorted({*SWEEP_SCORE_THRESHOLDS, cfg["SCORE_THRESHOLD"]}))
         print(format_sweep(table))
-        lines = ["mask_threshold,score_threshold,ap50"] + [f"{m},{s},{v:.6f}" for (m, s), v in sorted(table.items())]
-        with utils.atomic_write(out_dir / "sweep.csv", "w") as f:
-            f.write("\n".join(lines) + "\n")
+        utils.write_csv(out_dir / "sweep.csv", [{"mask_threshold": m, "score_threshold": s, "ap50": f"{v:.6f}"}
+                                                for (m, s), v in sorted(table.items())],
+                        ["mask_threshold", "score_threshold", "ap50"])
         print(f"wrote {out_dir / 'sweep.csv'}")
         metrics["sweep"] = table
     if cfg["OVERLAY"] > 0:
@@ -262,7 +266,8 @@ def predict_test_set(cfg, model, data_dir, device, opts):
 
 
 def main(argv=None):
-    cfg, _ = apply_overrides(globals(), CONFIG, argv, description=__doc__)
+    cfg, _ = apply_overrides(globals(), CONFIG, argv, description=__doc__,
+                             renamed={"--scale": "use --input-scale (train.py's SCALE is the training sizing factor)"})
     device = pick_device(cfg["DEVICE"])
     checkpoint = cfg["CHECKPOINT"] or newest_checkpoint()
     settings = {name: cfg[name] for name in PREDICTION}

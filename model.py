@@ -240,17 +240,21 @@ ANCHOR_LAYERS = ("rpn.head.cls_logits.", "rpn.head.bbox_pred.")  # fresh where t
 
 
 def coco_parts(cfg, num_anchors):
-    """(backbone, RPN head, box head, mask head) of maskrcnn_resnet50_fpn_v2, random and with live BatchNorm.
+    """(backbone, {MaskRCNN's head arguments}) of maskrcnn_resnet50_fpn_v2, random and with live BatchNorm.
     Every layer trains: torchvision's builder with weights trains only the last 3 backbone stages, we
-    train all, like the timm path."""
+    train all, like the timm path. Made in the order torchvision's builder and MaskRCNN draw their random
+    initial weights, so a seed gives the weights it gives there."""
     if cfg["FPN_CHANNELS"] != COCO_FPN_CHANNELS:
         raise ValueError(f"{COCO_MODEL} has {COCO_FPN_CHANNELS} FPN channels, not FPN_CHANNELS={cfg['FPN_CHANNELS']}")
     backbone = BackboneWithFPN(resnet50(), {f"layer{i + 1}": str(i) for i in range(4)}, [256, 512, 1024, 2048],
                                COCO_FPN_CHANNELS, extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
-    c = backbone.out_channels
-    return (backbone, Float32RPNHead(c, num_anchors, conv_depth=2),
-            FastRCNNConvFCHead((c, 7, 7), [256] * 4, [REPRESENTATION_SIZE], norm_layer=nn.BatchNorm2d),
-            MaskRCNNHeads(c, [256] * 4, 1, norm_layer=nn.BatchNorm2d))
+    c, parts = backbone.out_channels, {}
+    parts["rpn_head"] = Float32RPNHead(c, num_anchors, conv_depth=2)
+    parts["box_head"] = FastRCNNConvFCHead((c, 7, 7), [256] * 4, [REPRESENTATION_SIZE], norm_layer=nn.BatchNorm2d)
+    parts["mask_head"] = MaskRCNNHeads(c, [256] * 4, 1, norm_layer=nn.BatchNorm2d)
+    parts["mask_predictor"] = Float32MaskPredictor(256, 256, NUM_CLASSES + 1)
+    parts["box_predictor"] = Float32BoxPredictor(REPRESENTATION_SIZE, NUM_CLASSES + 1)
+    return backbone, parts
 
 
 def coco_state_dict(cfg):
@@ -314,19 +318,25 @@ def load_coco_weights(model, state, source):
 
 
 def timm_parts(cfg, num_anchors, load_pretrained):
-    """(backbone, RPN head, box head, mask head, timm's data config) of the recipe: a timm backbone (its
-    pretrained weights where asked; FREEZE_BN) with an FPN, torchvision's RPN head, two-layer box head and
-    four-conv mask head."""
+    """(backbone, {MaskRCNN's head arguments}, timm's data config) of the recipe: a timm backbone (its
+    pretrained weights where asked; FREEZE_BN) with an FPN, torchvision's four-conv mask head, RPN head and
+    two-layer box head. Made in the order MaskRCNN's constructor draws their random initial weights (mask
+    parts first), so a seed gives the weights torchvision's own defaults would."""
     body = create_timm_features(cfg["BACKBONE"], pretrained=load_pretrained and cfg["PRETRAINED"],
                                 pretrained_weights=cfg["PRETRAINED_WEIGHTS"] if load_pretrained else "")
     if freeze_bn_setting(cfg)[0]:
         body = freeze_batchnorm(body)
-    c = cfg["FPN_CHANNELS"]
-    return (TimmFPN(body, c), Float32RPNHead(c, num_anchors), TwoMLPHead(c * 7 * 7, REPRESENTATION_SIZE),
-            MaskRCNNHeads(c, [256] * 4, 1), body.pretrained_cfg)
+    c, parts = cfg["FPN_CHANNELS"], {}
+    backbone = TimmFPN(body, c)
+    parts["mask_head"] = MaskRCNNHeads(c, [256] * 4, 1)
+    parts["mask_predictor"] = Float32MaskPredictor(256, 256, NUM_CLASSES + 1)
+    parts["rpn_head"] = Float32RPNHead(c, num_anchors)
+    parts["box_head"] = TwoMLPHead(c * 7 * 7, REPRESENTATION_SIZE)
+    parts["box_predictor"] = Float32BoxPredictor(REPRESENTATION_SIZE, NUM_CLASSES + 1)
+    return backbone, parts, body.pretrained_cfg
 
 
-def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0.5, detections_per_image=1000):
+def build_model(cfg, load_pretrained=True):
     """The Mask R-CNN of a run configuration (train.py's constants), built in this one place:
 
         MaskRCNN (torchvision)
@@ -340,26 +350,21 @@ def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0
 
     MaskRCNN's constructor takes the parts it has arguments for; the transform and the RoI heads, for which
     it has none, replace the ones it made. load_pretrained=False builds the same architecture without
-    fetching weights (a checkpoint is loaded over it).
+    fetching weights (a checkpoint is loaded over it). The score threshold, NMS and detection limit are
+    torchvision's until set_thresholds gives them a prediction's settings (infer.py's constants).
     """
     anchors = Float32AnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES))
     coco = cfg["BACKBONE"] == COCO_MODEL
     if coco:  # torchvision's COCO Mask R-CNN v2 (its weights load once it is whole, below)
-        backbone, rpn_head, box_head, mask_head = coco_parts(cfg, anchors.num_anchors_per_location()[0])
+        backbone, parts = coco_parts(cfg, anchors.num_anchors_per_location()[0])
         data_cfg = {}  # ImageNet mean/std below: what torchvision's COCO weights expect
     else:
-        backbone, rpn_head, box_head, mask_head, data_cfg = timm_parts(cfg, anchors.num_anchors_per_location()[0],
-                                                                       load_pretrained)
-    classes = NUM_CLASSES + 1
+        backbone, parts, data_cfg = timm_parts(cfg, anchors.num_anchors_per_location()[0], load_pretrained)
     model = MaskRCNN(
-        backbone, num_classes=None,
-        rpn_anchor_generator=anchors, rpn_head=rpn_head,
+        backbone, num_classes=None, rpn_anchor_generator=anchors,
         box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
-        box_head=box_head, box_predictor=Float32BoxPredictor(REPRESENTATION_SIZE, classes),
         mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=4),
-        mask_head=mask_head, mask_predictor=Float32MaskPredictor(256, 256, classes),
-        box_score_thresh=score_threshold, box_nms_thresh=nms_threshold, box_detections_per_img=detections_per_image,
-        box_batch_size_per_image=cfg["ROI_BATCH_SIZE"])
+        box_batch_size_per_image=cfg["ROI_BATCH_SIZE"], **parts)
     model.transform = BoxMaskTransform(cfg["MIN_SIZE"], cfg["MAX_SIZE"],
                                        image_mean=list(data_cfg.get("mean", (0.485, 0.456, 0.406))),
                                        image_std=list(data_cfg.get("std", (0.229, 0.224, 0.225))))
@@ -383,6 +388,15 @@ def build_model(cfg, load_pretrained=True, score_threshold=0.05, nms_threshold=0
     return model
 
 
+def set_thresholds(model, settings):
+    """The RoI heads' score threshold, per-class NMS IoU and detections per image, from prediction settings
+    (a dict of infer.py's SCORE_THRESHOLD, NMS_THRESHOLD, DETECTIONS_PER_IMAGE)."""
+    model.roi_heads.score_thresh = settings["SCORE_THRESHOLD"]
+    model.roi_heads.nms_thresh = settings["NMS_THRESHOLD"]
+    model.roi_heads.detections_per_img = settings["DETECTIONS_PER_IMAGE"]
+    return model
+
+
 def load_weights(model, ckpt, path="checkpoint", averaged=False):
     """Load a checkpoint's weights; a checkpoint of another backbone, head or class count is refused
     with a message that says which and why. averaged: the EMA weights where the run kept them (what
@@ -398,11 +412,4 @@ def load_weights(model, ckpt, path="checkpoint", averaged=False):
     except RuntimeError as e:
         raise CheckpointError(f"{path} does not fit this model (checkpoint BACKBONE={trained!r}, HEADS={heads!r}; the weights "
                               f"differ in shape or names): {str(e).splitlines()[0]} ...") from None
-    return model
-
-
-def set_inference_params(model, score_threshold, nms_threshold, detections_per_image):
-    model.roi_heads.score_thresh = score_threshold
-    model.roi_heads.nms_thresh = nms_threshold
-    model.roi_heads.detections_per_img = detections_per_image
     return model

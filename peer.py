@@ -24,8 +24,6 @@ epochs or minutes of training, the held-out test images and their scoring (evalu
 The run folder gets last.pt (every epoch: resumable), metrics.csv (epoch, val_ap50, train_seconds).
 """
 import argparse
-import csv
-import io
 import math
 import time
 from pathlib import Path
@@ -41,9 +39,12 @@ import engine
 import evaluate
 import losses
 from dataset import CellDataset, TestDataset, collate, list_train_ids, split_ids
-from utils import NUM_CLASSES, atomic_write, encode_mask, load_checkpoint, save_checkpoint, seed_everything
+from utils import NUM_CLASSES, encode_mask, load_checkpoint, save_checkpoint, seed_everything, write_csv
 
 STOCK_WEIGHTS = losses.preset_weights("stock")  # torchvision's five terms, each weighted 1: their plain sum
+# What ablate.py --peer tries (each with the run's budget), choosing on the validation split: the references'
+# SGD at its scaled rate and 4x and 8x it, and AdamW around the rate a from-scratch user would try first.
+GRID = [("sgd", 0.00125), ("sgd", 0.005), ("sgd", 0.01), ("adamw", 1e-4), ("adamw", 2e-4), ("adamw", 4e-4)]
 REFERENCE = dict(lr_per_16_images=0.02, momentum=0.9, weight_decay=1e-4, lr_steps=(16, 22), epochs=26,
                  lr_gamma=0.1, warmup_factor=1e-3, warmup_iters=1000)
 
@@ -94,29 +95,64 @@ def predict_records(model, dataset, device, image_id_of):
     return records
 
 
-def write_metrics(history, run_dir):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["epoch", "lr", "train_loss", "val_ap50", "train_seconds"])
-    writer.writeheader()
-    writer.writerows(history)
-    with atomic_write(Path(run_dir) / "metrics.csv", "w") as f:
-        f.write(buf.getvalue())
+def make_optimizer(params, optimizer, lr):
+    """The peer's optimiser: the references' SGD (momentum 0.9, weight decay 1e-4), or AdamW with the same
+    weight decay (what a user would reach for at batch 1). lr 0: the references' 0.02 per 16 images, scaled."""
+    lr = lr or REFERENCE["lr_per_16_images"] / 16
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=REFERENCE["momentum"], weight_decay=REFERENCE["weight_decay"])
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=REFERENCE["weight_decay"])
+    raise ValueError(f"peer optimizer {optimizer!r}: sgd or adamw")
+
+
+def flip(image, target):
+    """The references' RandomHorizontalFlip(0.5): the image, its boxes and masks mirrored, half the time."""
+    if torch.rand(()) < 0.5:
+        image = image.flip(-1)
+        w = image.shape[-1]
+        target["boxes"] = torch.stack([w - target["boxes"][:, 2], target["boxes"][:, 1],
+                                       w - target["boxes"][:, 0], target["boxes"][:, 3]], 1)
+        target["masks"] = target["masks"].flip(-1)
+    return image, target
+
+
+def train_epoch(model, loader, optimizer, state, lr, warmup, deadline, device):
+    """One epoch of engine.train_step (stopping at the deadline), with the references' linear warm-up over the
+    first steps of epoch 0. Returns (summed loss, steps)."""
+    total, steps = 0.0, 0
+    for images, targets in loader:
+        if time.time() >= deadline:
+            break
+        if state["epoch"] == 0 and state["step"] < warmup:
+            alpha = state["step"] / warmup
+            for g in optimizer.param_groups:
+                g["lr"] = lr * (REFERENCE["warmup_factor"] * (1 - alpha) + alpha)
+        image, target = flip(images[0], {k: v.to(device) for k, v in targets[0].items() if torch.is_tensor(v)})
+        state["step"] += 1
+        loss, loss_dict = engine.train_step(model, [image.to(device)], [target], optimizer, STOCK_WEIGHTS)
+        if loss is None:
+            raise FloatingPointError(f"peer: non-finite loss {({k: v.item() for k, v in loss_dict.items()})}")
+        total, steps = total + loss.item(), steps + 1
+    return total, steps
 
 
 def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, min_size=800, max_size=1333,
-               val_fraction=0.1, seed=42, weights_backbone="", device="cpu", log=print):
-    """Train the peer (resuming run_dir/last.pt if there); returns the path of last.pt."""
+               val_fraction=0.1, seed=42, weights_backbone="", device="cpu", log=print, optimizer="sgd", lr=0.0,
+               split_seed=None):
+    """Train the peer (resuming run_dir/last.pt if there); returns the path of last.pt. seed: initialisation and
+    data order; split_seed (None: seed): the train/val split, as train.py's SPLIT_SEED."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     seed_everything(seed)
-    train_ids, val_ids = split_ids(list_train_ids(data_dir), val_fraction, seed)
+    train_ids, val_ids = split_ids(list_train_ids(data_dir), val_fraction, seed if split_seed is None else split_seed)
     train_set = CellDataset(data_dir, train_ids, train=False, sizing=(min_size, max_size, 0.0))
     val_set = CellDataset(data_dir, val_ids, train=False)
     model = build_peer(backbone, min_size, max_size, weights_backbone).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = REFERENCE["lr_per_16_images"] / 16
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=REFERENCE["momentum"], weight_decay=REFERENCE["weight_decay"])
+    kind, optimizer = optimizer, make_optimizer(params, optimizer, lr)
+    lr = optimizer.param_groups[0]["lr"]
     milestones = [max(1, round(m * epochs / REFERENCE["epochs"])) for m in REFERENCE["lr_steps"]]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=REFERENCE["lr_gamma"])
     state = {"epoch": 0, "step": 0, "train_seconds": 0.0, "history": []}
@@ -136,34 +172,13 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
     budget = minutes * 60
     warmup = min(REFERENCE["warmup_iters"], len(loader) - 1)
     log(f"peer {run_dir}: torchvision MaskRCNN, {backbone} FPN ({'local weights' if weights_backbone else 'from scratch'}),"
-        f" {len(train_ids)} train / {len(val_ids)} val images, SGD lr {lr:g}, MIN_SIZE {min_size} / MAX_SIZE {max_size}, "
+        f" {len(train_ids)} train / {len(val_ids)} val images, {kind} lr {lr:g}, MIN_SIZE {min_size} / MAX_SIZE {max_size}, "
         f"{epochs} epochs" + (f" or {minutes:g} min" if minutes else ""))
     while state["epoch"] < epochs and not (budget > 0 and state["train_seconds"] >= budget):
         model.train()
         t0 = time.time()
         deadline = t0 + budget - state["train_seconds"] if budget > 0 else math.inf
-        total, steps = 0.0, 0
-        for images, targets in loader:
-            if time.time() >= deadline:
-                break
-            if state["epoch"] == 0 and state["step"] < warmup:  # the references' linear warm-up (epoch 0)
-                alpha = state["step"] / warmup
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * (REFERENCE["warmup_factor"] * (1 - alpha) + alpha)
-            image = images[0]
-            target = {k: v.to(device) for k, v in targets[0].items() if torch.is_tensor(v)}
-            if torch.rand(()) < 0.5:  # RandomHorizontalFlip(0.5) of the references
-                image = image.flip(-1)
-                w = image.shape[-1]
-                target["boxes"] = torch.stack([w - target["boxes"][:, 2], target["boxes"][:, 1],
-                                               w - target["boxes"][:, 0], target["boxes"][:, 3]], 1)
-                target["masks"] = target["masks"].flip(-1)
-            state["step"] += 1
-            loss, loss_dict = engine.train_step(model, [image.to(device)], [target], optimizer, STOCK_WEIGHTS)
-            if loss is None:
-                raise FloatingPointError(f"peer: non-finite loss {({k: v.item() for k, v in loss_dict.items()})}")
-            total += loss.item()
-            steps += 1
+        total, steps = train_epoch(model, loader, optimizer, state, lr, warmup, deadline, device)
         if state["epoch"] == 0 and state["step"] >= warmup:
             for g in optimizer.param_groups:
                 g["lr"] = lr
@@ -181,8 +196,8 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
                          "scheduler": scheduler.state_dict(), "state": state, "rng": torch.get_rng_state(),
                          "loader_rng": generator.get_state(), "epoch": state["epoch"],
                          "config": dict(BACKBONE=backbone, MIN_SIZE=min_size, MAX_SIZE=max_size, PEER=True,
-                                        WEIGHTS_BACKBONE=weights_backbone)}, last)
-        write_metrics(state["history"], run_dir)
+                                        WEIGHTS_BACKBONE=weights_backbone, OPTIMIZER=kind, LR=lr, SEED=seed)}, last)
+        write_csv(run_dir / "metrics.csv", state["history"], ["epoch", "lr", "train_loss", "val_ap50", "train_seconds"])
         log(f"peer epoch {state['epoch']}: train loss {total / max(steps, 1):.4f}  val AP50 {ap50:.4f}  "
             f"{state['train_seconds']:.0f}s of training")
     return last
@@ -214,11 +229,14 @@ def main(argv=None):
     ap.add_argument("--max-size", type=int, default=1333)
     ap.add_argument("--val-fraction", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
+    ap.add_argument("--lr", type=float, default=0.0, help="0: the references' SGD rate, 0.02 / 16")
     ap.add_argument("--weights-backbone", default="", help="local torchvision/timm ResNet weights file")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     last = train_peer(args.data_dir, args.run_dir, args.backbone, args.epochs, args.minutes, args.min_size,
-                      args.max_size, args.val_fraction, args.seed, args.weights_backbone, args.device)
+                      args.max_size, args.val_fraction, args.seed, args.weights_backbone, args.device,
+                      optimizer=args.optimizer, lr=args.lr)
     gt_path = Path(args.data_dir) / "test_gt_coco.json"
     if gt_path.is_file():
         metrics = evaluate.coco_evaluate(evaluate.test_ground_truth(args.data_dir),

@@ -24,7 +24,7 @@ from torchvision.ops import batched_nms, box_iou
 from tqdm import tqdm
 
 from dataset import collate, resize_factor, resize_image
-from model import build_model, load_weights
+from model import build_model, load_weights, set_thresholds
 from utils import load_checkpoint
 
 
@@ -36,14 +36,6 @@ def load_model(checkpoint, device, settings):
     load_weights(model, ckpt, checkpoint, averaged=True)  # a run with EMA: its averaged weights
     set_thresholds(model, settings)
     return model.to(device).eval(), ckpt
-
-
-def set_thresholds(model, settings):
-    """The RoI heads' score threshold, per-class NMS IoU and detections per image, from the settings."""
-    model.roi_heads.score_thresh = settings["SCORE_THRESHOLD"]
-    model.roi_heads.nms_thresh = settings["NMS_THRESHOLD"]
-    model.roi_heads.detections_per_img = settings["DETECTIONS_PER_IMAGE"]
-    return model
 
 
 def paste_in_box(mask, box, im_h, im_w, threshold):

@@ -11,8 +11,6 @@ A run folder gets config.json, split.json, metrics.csv, learning_curve.png, last
 This file wires: data (dataset.py), model (model.py), the training step and validation (engine.py),
 DDP (ddp.py); validation predicts with infer.py's prediction constants, as the test set is predicted.
 """
-import csv
-import io
 import math
 import time
 from pathlib import Path
@@ -26,12 +24,13 @@ import engine
 import evaluate
 import infer
 import losses
-from dataset import CellDataset, DataError, check_jitter, check_train_data, collate, list_train_ids, make_demo_data, split_ids
-from model import COCO_MODEL, HEAD_CLASSES, PretrainedWeightsError, build_model, freeze_bn_setting, load_weights, parse_freeze_bn
-import predict
+from dataset import (CellDataset, DataError, check_jitter, check_train_data, collate, list_train_ids, make_demo_data,
+                     split_ids)
+from model import (COCO_MODEL, HEAD_CLASSES, PretrainedWeightsError, build_model, freeze_bn_setting, load_weights,
+                   parse_freeze_bn, set_thresholds)
 from predict import in_order_loader, predict_options
-from utils import (CheckpointError, apply_overrides, atomic_write, config_block, load_checkpoint, save_checkpoint,
-                   save_json, seed_everything)
+from utils import (CheckpointError, apply_overrides, config_block, load_checkpoint, save_checkpoint,
+                   save_figure, save_json, seed_everything, write_csv)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -79,9 +78,11 @@ GRAD_CLIP = 10.0              # max gradient norm; 0 = off
 EMA = 0.0                     # decay of an exponential moving average of the weights (timm ModelEmaV3, warm-up aware),
                               # e.g. 0.999 (timm's warm-up keeps it below ~0.998 in a HW3-length run); validation,
                               # best.pt and infer.py use the average; 0 = off
-SEED = 42                     # split, initialisation and data order
+SEED = 42                     # initialisation, data order and augmentation (the split has its own SPLIT_SEED, so
+                              # seeds of one configuration share their val split)
 # ---- config: validation (predicts with infer.py's prediction constants, recorded in config.json)
 VAL_FRACTION = 0.1            # share of training images held out for validation (0 = none: best.pt = last.pt)
+SPLIT_SEED = 42               # the seeded train/val split
 MIN_VAL_IMAGES = 5            # a smaller val split is logged but picks nothing (best.pt = latest weights, no LR
                               # plateau, no early stop): the AP50 of one or two images is noise
 VAL_DETECTIONS_PER_IMAGE = 1000  # detections kept per val image (infer.py DETECTIONS_PER_IMAGE at test time)
@@ -113,12 +114,16 @@ def resolve_config(argv=None):
     """The run's configuration: the constants above, the command line over them; a resumed run's saved
     configuration over the defaults (what is given now wins); DEMO_SETTINGS under --demo; FREEZE_BN and
     LR 'auto' resolved; bad values refused. Returns (cfg, the run's last.pt when resuming, else None)."""
-    cfg, given = apply_overrides(globals(), CONFIG, argv, description=__doc__)
+    cfg, given = apply_overrides(globals(), CONFIG, argv, description=__doc__, renamed={
+        "--mask-threshold": "validation predicts with infer.py's prediction constants (infer.py --mask-threshold)"})
     on_command_line = set(given)
     ckpt = None
     if cfg["RESUME"] and cfg["RUN_DIR"]:  # a resumed run keeps its configuration, but for what is given now
         ckpt = load_checkpoint(Path(cfg["RUN_DIR"]) / "last.pt")
-        saved = {k: v for k, v in ckpt["config"].items() if k in cfg}  # constants since removed are dropped
+        saved = {k: v for k, v in ckpt["config"].items() if k in cfg}  # constants since removed are dropped:
+        for k in sorted(set(ckpt["config"]) - set(cfg)):  # said, with what now stands in for them
+            now = f"; validation now predicts with infer.py's {k} {getattr(infer, k)!r}" if k in infer.PREDICTION else ""
+            print(f"resume: {k}={ckpt['config'][k]!r} of this run is no longer a train.py constant{now}")
         cfg = {**cfg, **saved, **{k: cfg[k] for k in given}, "RESUME": True}  # new constants: defaults
         given = set(saved) | given
     if cfg["DEMO"]:
@@ -212,7 +217,7 @@ def setup_data(cfg, ckpt, rank, world, device, log):
     if ckpt is not None:
         train_ids, val_ids = ckpt["train_ids"], ckpt["val_ids"]
     else:
-        train_ids, val_ids = split_ids(all_ids, cfg["VAL_FRACTION"], cfg["SEED"])
+        train_ids, val_ids = split_ids(all_ids, cfg["VAL_FRACTION"], cfg["SPLIT_SEED"])
     sizing = (cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["SCALE"])
     train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True, sizing=sizing, jitter=cfg["SCALE_JITTER"],
                             stain=cfg["STAIN_AUG"])
@@ -229,7 +234,7 @@ def setup_training(cfg, ckpt, rank, world, device, generator, log):
     average and the progress state; a resumed run gets all of them back from its last.pt, random streams too."""
     net = build_model(cfg, load_pretrained=not cfg["RESUME"]).to(device)
     val_settings = infer.prediction_settings(DETECTIONS_PER_IMAGE=cfg["VAL_DETECTIONS_PER_IMAGE"])
-    predict.set_thresholds(net, val_settings)
+    set_thresholds(net, val_settings)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg["LR"],
                                   weight_decay=cfg["WEIGHT_DECAY"])
     for g in optimizer.param_groups:
@@ -277,7 +282,7 @@ def write_run_files(cfg, run, data):
     save_json({**cfg, "amp_dtype": str(run.dtype).replace("torch.", "") if run.dtype else "float32",
                "amp_why": run.amp_why, "VALIDATION": run.val_settings}, run_dir / "config.json")
     if not (run_dir / "split.json").exists():
-        save_json({"train": data.train_ids, "val": data.val_ids, "seed": cfg["SEED"]}, run_dir / "split.json")
+        save_json({"train": data.train_ids, "val": data.val_ids, "seed": cfg["SPLIT_SEED"]}, run_dir / "split.json")
 
 
 def log_start(cfg, run, data, device, world, log):
@@ -302,6 +307,9 @@ def fit(cfg, run, data, device, log):
     select = len(data.val_set) >= cfg["MIN_VAL_IMAGES"]  # does val AP50 pick best.pt, the LR and early stopping?
     opts = predict_options(cfg, run.val_settings)
     coco_gt = evaluate.val_ground_truth(data.val_set) if len(data.val_set) and ddp.rank() == 0 else None
+    limit = evaluate.ceiling(coco_gt) if coco_gt is not None else None  # what maxDets 100 leaves reachable
+    if limit is not None:
+        log(f"val split: {evaluate.format_ceiling(limit)}")
     out_of_time = lambda: budget > 0 and state.get("train_seconds", 0.0) >= budget  # noqa: E731
     if state["stopped_early"] or state["epoch"] >= cfg["EPOCHS"]:
         log(f"{cfg['RUN_DIR']} has finished training (epoch {state['epoch']}); nothing to do")
@@ -330,7 +338,9 @@ def fit(cfg, run, data, device, log):
         streams = ddp.gather_rng(data.generator, device)
         ddp.on_rank0("saving the checkpoint", lambda: save_epoch(cfg, run, data, streams, improved))
         log(f"epoch {state['epoch']}: train loss {row.get('train_loss', float('nan')):.4f}  "
-            f"val loss {row['val_loss']:.4f}  val AP50 {row['val_ap50']:.4f}  AP {row['val_ap']:.4f}  "
+            f"val loss {row['val_loss']:.4f}  val AP50 {row['val_ap50']:.4f}"
+            + (f" ({row['val_ap50'] / limit['ap50']:.0%} of the ceiling)" if limit and limit["ap50"] > 0 else "")
+            + f"  AP {row['val_ap']:.4f}  "
             f"lr {row['lr']:.2e}  {row['epoch_seconds']:.0f}s" + ("  (best)" if improved else ""))
     return select
 
@@ -366,17 +376,8 @@ def save_epoch(cfg, run, data, streams, improved):
     if improved:
         save_checkpoint(ckpt, run_dir / "best.pt")
     save_checkpoint(ckpt, run_dir / "last.pt")
-    write_metrics(run.state["history"], run_dir)
+    write_csv(run_dir / "metrics.csv", run.state["history"], METRIC_FIELDS)
     plot_curves(run.state["history"], run_dir / "learning_curve.png")
-
-
-def write_metrics(history, run_dir):
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(history)
-    with atomic_write(Path(run_dir) / "metrics.csv", "w") as f:
-        f.write(buf.getvalue())
 
 
 def plot_curves(history, path):
@@ -394,11 +395,8 @@ def plot_curves(history, path):
     lines = ax.get_lines() + ax2.get_lines()
     ax.legend(lines, [line.get_label() for line in lines], loc="center right")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
-    with atomic_write(path, "wb") as f:
-        f.write(buf.getvalue())
 
 
 # ---- main ----------------------------------------------------------------------------------------

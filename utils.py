@@ -6,6 +6,7 @@ Everything here is small glue around argparse, torch.save, pycocotools and json.
 import argparse
 import ast
 import contextlib
+import csv
 import io
 import json
 import os
@@ -73,26 +74,33 @@ def config_block(path):
         raise ValueError(f"{path}: no config block ('{CONFIG_MARK}: <section>' ... '# ---- end of config')")
     out = []
     for node in ast.parse(source).body:
-        if not (isinstance(node, ast.Assign) and min(sections) < node.lineno < end and len(node.targets) == 1
-                and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper()):
+        if not min(sections) < node.lineno < end:
             continue
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id.isupper()):
+            raise ValueError(f"{path}:{node.lineno}: the config block holds only NAME = value lines (UPPER_CASE)")
         text = [c for n, (_, c) in comments.items() if node.lineno <= n <= node.end_lineno]
         n = node.end_lineno + 1
         while n in comments and comments[n][0] > 0 and lines[n - 1].lstrip().startswith("#"):
             text.append(comments[n][1])  # an indented comment line goes on with the constant's comment
             n += 1
+        if not text:
+            raise ValueError(f"{path}:{node.lineno}: {node.targets[0].id} has no comment to say what it means "
+                             "(--help shows it)")
         section = sections[max(k for k in sections if k < node.lineno)]
         out.append((node.targets[0].id, section, " ".join(text)))
     return out
 
 
-def apply_overrides(namespace, block, argv=None, description=None):
+def apply_overrides(namespace, block, argv=None, description=None, renamed=None):
     """Override the constants of a config block (config_block's list) in `namespace` (a module's
     globals()) from the command line.
 
     `--epochs 3` sets EPOCHS = 3, with the type taken from the constant's default: booleans take
     true/false (a bare `--resume` means true), lists and dicts take JSON. `--help` lists them by
     section with each one's comment and default.
+    renamed: {old flag: what to use now}, for a flag that has gone (a clear stop instead of argparse's
+    "unrecognized arguments").
     Returns (config dict of the block's constants, set of names given on the command line).
     """
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
@@ -115,6 +123,9 @@ def apply_overrides(namespace, block, argv=None, description=None):
         else:
             group.add_argument(flag, type=str, **common)
     argv = sys.argv[1:] if argv is None else list(argv)
+    for old, new in (renamed or {}).items():
+        if any(a == old or a.startswith(old + "=") for a in argv):
+            raise SystemExit(f"{old} is gone: {new}")
     args = parser.parse_args(argv)
     names = [name for name, _, _ in block]
     given = {t[2:].split("=", 1)[0].replace("-", "_").upper() for t in argv if t.startswith("--")}
@@ -198,6 +209,24 @@ def atomic_write(path, mode="wb"):
         raise
 
 
+def write_csv(path, rows, fields):
+    """rows (dicts) as a CSV file with these columns (other keys ignored, missing ones empty), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_write(path, "w") as f:
+        f.write(buf.getvalue())
+
+
+def save_figure(fig, path):
+    """A matplotlib figure as a PNG, atomically."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    with atomic_write(path, "wb") as f:
+        f.write(buf.getvalue())
+
+
 def save_json(obj, path):
     with atomic_write(path, "w") as f:
         json.dump(obj, f)
@@ -217,11 +246,9 @@ class CheckpointError(RuntimeError):
 
 
 # What a run written before a constant existed did without it: its checkpoint's config lacks the key, and
-# this is the value that run trained with (FREEZE_BN: frozen was the only behaviour before the constant).
-# Filled in by load_checkpoint, the one place an old checkpoint is read.
-CONFIG_BEFORE_IT_EXISTED = dict(PRETRAINED_WEIGHTS="", FREEZE_BN=True, FPN_CHANNELS=256, ROI_BATCH_SIZE=512,
-                                HEADS="standard", LOSSES="stock", SCALE=0.0, SCALE_JITTER=[1.0, 1.0], STAIN_AUG=0.0,
-                                EMA=0.0)
+# this is the value that run trained with. Filled in by load_checkpoint, the one place an old checkpoint is
+# read (the model's constants added after the first checkpoints; the others resume with today's defaults).
+CONFIG_BEFORE_IT_EXISTED = dict(HEADS="standard", SCALE=0.0, SCALE_JITTER=[1.0, 1.0], STAIN_AUG=0.0, EMA=0.0)
 
 
 def load_checkpoint(path, map_location="cpu"):

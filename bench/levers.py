@@ -26,6 +26,7 @@ import engine
 import losses
 import peer
 import train
+from bench.procmem import sync
 from bench.realistic_data import make_realistic_data
 from dataset import CellDataset
 from model import build_model
@@ -41,11 +42,6 @@ LEVERS = [  # (row, train.py constants over the recipe)
 ]
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(cfg, data_dir, ids, args, device, stock=False):
     """(data s, step s) per step of one configuration (stock: the peer), means over args.steps timed steps."""
     seed_everything(0)
@@ -53,18 +49,17 @@ def measure(cfg, data_dir, ids, args, device, stock=False):
     if stock:  # as peer.train_peer: images handed over at the input size (its 0.5 flip, a few ms, left out)
         model = peer.build_peer(args.stock_backbone, cfg["MIN_SIZE"], cfg["MAX_SIZE"])
         data = CellDataset(data_dir, ids, train=False, sizing=sizing)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad],
-                                    lr=peer.REFERENCE["lr_per_16_images"] / 16, momentum=peer.REFERENCE["momentum"],
-                                    weight_decay=peer.REFERENCE["weight_decay"])
-        weights, grad_clip, ema = peer.STOCK_WEIGHTS, 0.0, None
+        optimizer = peer.make_optimizer([p for p in model.parameters() if p.requires_grad], "sgd", 0.0)
+        weights, grad_clip, decay = peer.STOCK_WEIGHTS, 0.0, 0.0
     else:
         model = build_model(cfg, load_pretrained=False)
         data = CellDataset(data_dir, ids, train=True, sizing=sizing, jitter=cfg["SCALE_JITTER"], stain=cfg["STAIN_AUG"])
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                       weight_decay=cfg["WEIGHT_DECAY"])
         weights = losses.preset_weights(cfg["LOSSES"], cfg["LOSS_WEIGHTS"])
-        grad_clip, ema = cfg["GRAD_CLIP"], engine.WeightAverage(model, cfg["EMA"])
+        grad_clip, decay = cfg["GRAD_CLIP"], cfg["EMA"]
     model.to(device).train()
+    ema = engine.WeightAverage(model, decay)  # the average lives where the model does
     dtype = {"off": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     data_s, step_s = [], []

@@ -22,13 +22,9 @@ import engine
 import losses
 import train
 from bench.hw3real import SAMPLE
+from bench.procmem import sync
 from dataset import CellDataset
 from model import build_model
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def main():

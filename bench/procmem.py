@@ -2,6 +2,14 @@
 import multiprocessing as mp
 from pathlib import Path
 
+import torch
+
+
+def sync(device):
+    """Wait for the device's queued work (CUDA), so a timer reads the work done, not the work queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
 
 def rss_mb(field):
     """VmRSS (now) or VmHWM (peak since the last reset_peak) of this process, in MB (Linux)."""
@@ -31,7 +39,6 @@ def in_fresh_process(target, *args):
 def start_peaks(cuda):
     """Zero the peak counters (host VmHWM; CUDA allocator if cuda): returns the host level to measure from."""
     if cuda:
-        import torch
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     base = rss_mb("VmRSS")

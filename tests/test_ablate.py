@@ -1,19 +1,29 @@
 """ablate.py on a tiny grid: tables and plot, checkpoints reused for inference-only constants, finished
-runs skipped, interrupted runs continued, a time budget, the peer row, and a clear error for a bad name."""
+runs skipped, interrupted runs continued, a time budget, seeds (mean and spread), the tuned peer chosen on
+val, and a clear error for a bad name."""
 import csv
+import math
 
 import pytest
 
 import ablate
-import infer
-import train
-from conftest import tiny_args
-from bench.realistic_data import make_realistic_data
-from utils import load_checkpoint
 import engine
+import infer
+import peer
 import predict
+import train
+from bench.realistic_data import make_realistic_data
+from conftest import tiny_args
+from utils import load_checkpoint
 
 SHARED = dict(NUM_WORKERS=0, VAL_FRACTION=0.34, WARMUP_ITERS=1, VAL_DETECTIONS_PER_IMAGE=50)
+
+
+@pytest.fixture(autouse=True)
+def few_detections(monkeypatch):
+    """Scoring keeps 50 detections an image (infer.py's constant, read by ablate): an untrained model's 1000
+    would cost the mask head minutes on a 2-core CPU, and the tables' logic is the same."""
+    monkeypatch.setattr(infer, "DETECTIONS_PER_IMAGE", 50)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +64,8 @@ def test_ablate_tiny_grid_tables_reuse_resume_and_skip(real_small, tmp_path, mon
     # each checkpoint scored at both mask thresholds (the value reaches the masks, not just the label)
     assert thresholds.count(0.6) == 2 and 0.5 in thresholds  # (validation during training uses 0.5 too)
     md = (out / "ablation.md").read_text()
-    assert "| run | losses | mask_threshold | AP50 |" in md and md.count("| losses=") == 4 and "budget 2 epochs" in md
+    assert "| run | losses | mask_threshold | seeds | AP50 |" in md and md.count("| losses=") == 4 and "budget 2 epochs" in md
+    assert "AP50 ceiling (maxDets 100)" in md
     assert (out / "ablation.png").read_bytes()[:4] == b"\x89PNG"
     # everything finished and scored: a second invocation trains nothing and gives the same table
     calls.clear()
@@ -72,25 +83,51 @@ def test_ablate_each_lever_alone_against_the_base(real_small, tmp_path, monkeypa
     out = tmp_path / "abl"
     rows = ablate.main(["--data-dir", str(real_small), "--out", str(out), "--each", "--vary", "heads=cascade",
                         "--vary", "ema=0.9,0.99", "--"] + tiny_args(EPOCHS=1, **SHARED))
-    assert [r["run"] for r in rows] == ["base", "heads=cascade", "ema=0.9", "ema=0.99"]  # not the 2 combinations
-    configs = {r["run"]: load_checkpoint(out / r["run"] / "last.pt")["config"] for r in rows}
+    assert [r["label"] for r in rows] == ["base", "heads=cascade", "ema=0.9", "ema=0.99"]  # not the 2 combinations
+    configs = {r["label"]: load_checkpoint(out / r["label"] / "last.pt")["config"] for r in rows}
     assert (configs["base"]["HEADS"], configs["base"]["EMA"]) == ("standard", 0.0)
     assert (configs["heads=cascade"]["HEADS"], configs["heads=cascade"]["EMA"]) == ("cascade", 0.0)
     assert (configs["ema=0.99"]["HEADS"], configs["ema=0.99"]["EMA"]) == ("standard", 0.99)
     assert len(calls) == 4 and all(0.0 <= r["ap50"] <= 1.0 for r in rows)
 
 
-def test_ablate_time_budget_and_peer_row(real_small, tmp_path):
+def test_ablate_time_budget_seeds_and_the_peer_tuned_on_val(real_small, tmp_path, monkeypatch):
+    monkeypatch.setattr(peer, "GRID", [("sgd", 0.00125), ("adamw", 1e-3)])
     out = tmp_path / "abl"
     rows = ablate.main(["--data-dir", str(real_small), "--out", str(out), "--peer", "--peer-backbone", "resnet18",
-                        "--minutes", "0.005", "--"] + tiny_args(EPOCHS=5, **SHARED))
-    assert [r["run"] for r in rows] == ["base", "peer (torchvision stock)"]
-    ours = load_checkpoint(out / "base" / "last.pt")
-    assert ours["epoch"] == 1 < 5 and ours["state"]["train_seconds"] >= 0.3  # stopped by the budget, mid-epoch
-    peer = load_checkpoint(out / "peer" / "last.pt")
-    assert peer["epoch"] == 1 and peer["state"]["train_seconds"] >= 0.3
+                        "--seeds", "2", "--minutes", "0.005", "--"] + tiny_args(EPOCHS=5, SEED=7, **SHARED))
+    assert [(r["label"], r["seed"]) for r in rows] == [("base", 7), ("base", 8), ("peer (tuned)", 7), ("peer (tuned)", 8)]
+    runs = {seed: load_checkpoint(out / f"base,seed={seed}" / "last.pt") for seed in (7, 8)}
+    for ckpt in runs.values():
+        assert ckpt["epoch"] == 1 < 5 and ckpt["state"]["train_seconds"] >= 0.3  # stopped by the budget, mid-epoch
+    assert runs[7]["config"]["SEED"] == 7 and runs[8]["config"]["SEED"] == 8
+    assert runs[7]["val_ids"] == runs[8]["val_ids"]  # the seeds share one split
+    # the grid trained with the first seed; the best final val AP50 picked the setting, never the test images
+    grid = {(o, lr): load_checkpoint(out / "peer" / f"{o}-{lr:g}" / "last.pt") for o, lr in peer.GRID}
+    val = {k: c["state"]["history"][-1]["val_ap50"] for k, c in grid.items()}
+    chosen = max(val, key=val.get)
+    assert (out / "peer" / f"{chosen[0]}-{chosen[1]:g}" / "score.json").is_file()
+    assert not any((out / "peer" / f"{o}-{lr:g}" / "score.json").is_file() for o, lr in val if (o, lr) != chosen)
+    second = load_checkpoint(out / "peer" / f"{chosen[0]}-{chosen[1]:g},seed=8" / "last.pt")
+    assert second["config"]["OPTIMIZER"] == chosen[0] and second["config"]["SEED"] == 8
+    assert second["state"]["train_seconds"] >= 0.3 and all(r["steps"] >= 1 for r in rows)
     assert all(0.0 <= r["ap50"] <= 1.0 for r in rows)
-    assert "or 0.005 min of training per run" in (out / "ablation.md").read_text()
+    md = (out / "ablation.md").read_text()
+    assert "or 0.005 min of training per run" in md and "seeds 7, 8" in md and "| chosen |" in md
+    assert md.count("| base |") == 1 and "| peer (tuned) |" in md  # one line per configuration
+
+
+def test_seeds_aggregate_to_mean_and_spread_and_the_ratio_pairs_seeds():
+    rows = [{"label": "ours", "seed": 0, "ap50": 0.4}, {"label": "ours", "seed": 1, "ap50": 0.6},
+            {"label": "peer (tuned)", "seed": 0, "ap50": 0.2}, {"label": "peer (tuned)", "seed": 1, "ap50": 0.4}]
+    for r in rows:
+        r.update({f: 1.0 for f in ablate.SCORE_FIELDS if f != "ap50"})
+    agg = ablate.aggregate(rows)
+    assert agg["ours"]["seeds"] == 2
+    assert agg["ours"]["ap50"] == pytest.approx((0.5, math.sqrt(0.02)))  # sample sd of 0.4, 0.6
+    assert agg["ours"]["vs_peer"] == pytest.approx((1.75, math.sqrt(0.125)))  # seed 0: 2.0, seed 1: 1.5
+    assert agg["peer (tuned)"]["vs_peer"] == pytest.approx((1.0, 0.0))
+    assert ablate.mean_sd([0.3]) == (0.3, 0.0) and all(math.isnan(v) for v in ablate.mean_sd([]))
 
 
 def test_ablate_refuses_an_unknown_constant_and_lists_them(real_small, tmp_path):

@@ -15,8 +15,9 @@ from torchvision.ops import FrozenBatchNorm2d
 import infer
 import predict
 from conftest import TINY
-from model import COCO_MODEL, PretrainedWeightsError, build_model
+from model import COCO_MODEL, PretrainedWeightsError, build_model, set_thresholds
 
+LIMIT_20 = infer.prediction_settings(DETECTIONS_PER_IMAGE=20)
 COCO = dict(TINY, BACKBONE=COCO_MODEL, FPN_CHANNELS=256, ROI_BATCH_SIZE=32, FREEZE_BN="auto")
 RESET = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.",
          "rpn.head.cls_logits.", "rpn.head.bbox_pred.")
@@ -39,7 +40,7 @@ def coco_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def coco_model(coco_file):
     torch.manual_seed(0)
-    return build_model(dict(COCO, PRETRAINED_WEIGHTS=str(coco_file[0])), detections_per_image=20)
+    return set_thresholds(build_model(dict(COCO, PRETRAINED_WEIGHTS=str(coco_file[0]))), LIMIT_20)
 
 
 def cells_image():
@@ -161,7 +162,7 @@ def test_coco_model_refuses_another_fpn_width():
 def test_cascade_on_the_coco_start_begins_every_stage_from_the_coco_box_head(coco_file):
     _, state = coco_file
     torch.manual_seed(0)
-    model = build_model(dict(COCO, HEADS="cascade", PRETRAINED_WEIGHTS=str(coco_file[0])), detections_per_image=20)
+    model = set_thresholds(build_model(dict(COCO, HEADS="cascade", PRETRAINED_WEIGHTS=str(coco_file[0]))), LIMIT_20)
     ours = model.state_dict()
     file_head = {k[len("roi_heads.box_head."):]: v for k, v in state.items() if k.startswith("roi_heads.box_head.")}
     assert file_head

@@ -6,11 +6,12 @@ from scipy import ndimage
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.ops import complete_box_iou_loss
 
+import infer
 import losses
 from heads import PresetRoIHeads
 from conftest import SIZING, TINY
 from dataset import CellDataset, list_train_ids
-from model import build_model
+from model import build_model, set_thresholds
 import predict
 
 
@@ -108,7 +109,7 @@ def test_mask_loss_gradients_finite_for_empty_and_tiny_masks(fill):
 @pytest.mark.parametrize("preset", list(losses.PRESETS))
 def test_each_preset_trains_a_step_then_predicts(demo_dir, preset):
     torch.manual_seed(0)
-    model = build_model(dict(TINY, LOSSES=preset), detections_per_image=20)
+    model = set_thresholds(build_model(dict(TINY, LOSSES=preset)), infer.prediction_settings(DETECTIONS_PER_IMAGE=20))
     ds = CellDataset(demo_dir, list_train_ids(demo_dir)[:1], train=False, sizing=SIZING)
     image, target = ds[0]
     empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64),

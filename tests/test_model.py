@@ -5,13 +5,13 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from conftest import SIZING, TINY
 from dataset import CellDataset, list_train_ids
-from model import PretrainedWeightsError, build_model
-from utils import load_checkpoint, save_checkpoint
+import infer
+from model import PretrainedWeightsError, build_model, set_thresholds
 
 
 def test_tiny_model_trains_a_step_and_predicts(demo_dir):
     torch.manual_seed(0)
-    model = build_model(TINY, detections_per_image=50)
+    model = set_thresholds(build_model(TINY), infer.prediction_settings(DETECTIONS_PER_IMAGE=50))
     ds = CellDataset(demo_dir, list_train_ids(demo_dir)[:2], train=True, sizing=SIZING)
     (im0, t0), (im1, _) = ds[0], ds[1]
     empty = {"boxes": torch.zeros((0, 4)), "labels": torch.zeros((0,), dtype=torch.int64),
@@ -49,6 +49,7 @@ def test_report_architecture():
     feats = model.backbone(torch.zeros(1, 3, 64, 64))
     assert list(feats) == ["0", "1", "2", "3", "pool"]
     assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2, 1]  # strides 4..64
+    set_thresholds(model, infer.prediction_settings())  # the recipe's inference: infer.py's constants
     assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img) == (0.05, 0.5, 1000)
 
 
@@ -80,12 +81,9 @@ def test_freeze_bn_auto_freezes_pretrained_and_keeps_a_random_backbone_live(tmp_
     scratch = dict(TINY, FREEZE_BN="auto", PRETRAINED=False, PRETRAINED_WEIGHTS="")
     assert _bn_kinds(build_model(scratch)) == (False, True)
     assert "random backbone" in freeze_bn_setting(scratch)[1] and "pretrained" in freeze_bn_setting(pretrained)[1]
-    # true/false force it; a configuration from before FREEZE_BN existed meant true (old checkpoints load)
+    # true/false force it
     assert _bn_kinds(build_model(dict(pretrained, FREEZE_BN=False))) == (False, True)
     assert _bn_kinds(build_model(dict(scratch, FREEZE_BN="true"), load_pretrained=False)) == (True, False)
-    old = tmp_path / "old.pt"  # a checkpoint written before FREEZE_BN existed: load_checkpoint says what it meant
-    save_checkpoint({"model": {}, "config": {k: v for k, v in scratch.items() if k != "FREEZE_BN"}}, old)
-    assert _bn_kinds(build_model(load_checkpoint(old)["config"], load_pretrained=False)) == (True, False)
 
 
 def test_live_batchnorm_on_a_random_backbone_learns():
@@ -149,3 +147,22 @@ def test_resuming_a_run_with_frozen_batchnorm_on_a_random_backbone_needs_a_choic
         train.resolve_config(run + ["--resume"])
     assert train.resolve_config(run + ["--resume", "--freeze-bn", "false"])[0]["FREEZE_BN"] is False
     assert train.resolve_config(run + ["--resume", "--freeze-bn", "true"])[0]["FREEZE_BN"] is True
+
+
+def test_a_seed_gives_the_initial_weights_of_torchvisions_own_constructor():
+    """build_model makes its parts in the order MaskRCNN's constructor draws them: the same seed gives the
+    same initial weights as torchvision's defaults (and as every run before the model was built in parts)."""
+    from torchvision.models.detection import MaskRCNN
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.ops import MultiScaleRoIAlign
+
+    from model import ANCHOR_SIZES, ASPECT_RATIOS, TimmFPN, create_timm_features
+    torch.manual_seed(0)
+    ours = build_model(TINY).state_dict()
+    torch.manual_seed(0)
+    stock = MaskRCNN(TimmFPN(create_timm_features(TINY["BACKBONE"]), TINY["FPN_CHANNELS"]), num_classes=5,
+                     rpn_anchor_generator=AnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES)),
+                     box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2),
+                     mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], 14, 4)).state_dict()
+    assert list(ours) == list(stock)
+    assert all(torch.equal(ours[k], stock[k]) for k in ours), [k for k in ours if not torch.equal(ours[k], stock[k])]

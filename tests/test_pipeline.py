@@ -9,7 +9,7 @@ import infer
 import train
 from conftest import SIZING, TINY, tiny_args
 from dataset import CellDataset, collate, list_train_ids
-from model import build_model
+from model import build_model, set_thresholds
 from utils import load_checkpoint
 import engine
 import predict
@@ -20,7 +20,7 @@ def test_short_overfit_raises_ap50(demo_dir):
     ids = list_train_ids(demo_dir)[:2]
     data = CellDataset(demo_dir, ids, train=False)  # own size: scored as at test time
     sized = CellDataset(demo_dir, ids, train=False, sizing=SIZING)
-    model = build_model(TINY, detections_per_image=100)
+    model = set_thresholds(build_model(TINY), infer.prediction_settings(DETECTIONS_PER_IMAGE=100))
     gt = evaluate.val_ground_truth(data)
     opts = predict.predict_options(TINY, infer.prediction_settings(DETECTIONS_PER_IMAGE=100))
     start, _ = engine.evaluate_model(model, data, "cpu", opts, coco_gt=gt)
@@ -70,7 +70,8 @@ def test_training_writes_the_run_folder(trained_run):
 def test_checkpoint_alone_rebuilds_the_same_model(trained_run, demo_dir):
     run_dir, _ = trained_run
     model, ckpt = predict.load_model(run_dir / "best.pt", "cpu", infer.prediction_settings(DETECTIONS_PER_IMAGE=30))
-    reference = build_model(ckpt["config"], load_pretrained=False, detections_per_image=30)
+    reference = set_thresholds(build_model(ckpt["config"], load_pretrained=False),
+                               infer.prediction_settings(DETECTIONS_PER_IMAGE=30))
     reference.load_state_dict(ckpt["model"])
     reference.eval()
     image, _ = CellDataset(demo_dir, ckpt["val_ids"])[0]
@@ -226,15 +227,14 @@ def test_resume_of_a_run_saved_before_newer_constants(trained_run, tmp_path):
 
 # The checkpoint forms written before the restructure into predict.py/engine.py (kept here as they were):
 # config keys of that train.py (MASK_THRESHOLD among them), and, older still, a config without the constants
-# added over time (FREEZE_BN meant frozen then) and rank 0's random streams only.
+# added over time and rank 0's random streams only.
 OLD_CONFIG_KEYS = ["DATA_DIR", "RUN_DIR", "BACKBONE", "PRETRAINED", "PRETRAINED_WEIGHTS", "FREEZE_BN", "FPN_CHANNELS",
                    "HEADS", "ROI_BATCH_SIZE", "MIN_SIZE", "MAX_SIZE", "SCALE", "SCALE_JITTER", "STAIN_AUG", "EMA",
                    "EPOCHS", "MAX_MINUTES", "BATCH_SIZE", "LR", "WEIGHT_DECAY", "WARMUP_ITERS", "LR_PATIENCE",
                    "LR_FACTOR", "EARLY_STOP_PATIENCE", "GRAD_CLIP", "AMP", "VAL_FRACTION", "MIN_VAL_IMAGES",
                    "VAL_DETECTIONS_PER_IMAGE", "MASK_THRESHOLD", "SEED", "LOSSES", "LOSS_WEIGHTS", "NUM_WORKERS",
                    "DEVICE", "CUDNN_BENCHMARK", "RESUME", "DEMO"]
-OLDEST_LACKS = ["FREEZE_BN", "HEADS", "SCALE", "SCALE_JITTER", "STAIN_AUG", "EMA", "MAX_MINUTES", "MIN_VAL_IMAGES",
-                "CUDNN_BENCHMARK", "PRETRAINED_WEIGHTS"]
+OLDEST_LACKS = ["HEADS", "SCALE", "SCALE_JITTER", "STAIN_AUG", "EMA", "MAX_MINUTES", "MIN_VAL_IMAGES", "CUDNN_BENCHMARK"]
 OLD_CHECKPOINT_KEYS = ["model", "optimizer", "scheduler", "scaler", "state", "config", "epoch", "train_ids", "val_ids",
                        "rng", "loader_rng", "rng_ranks"]
 
@@ -242,7 +242,6 @@ OLD_CHECKPOINT_KEYS = ["model", "optimizer", "scheduler", "scaler", "state", "co
 @pytest.mark.parametrize("form", ["before the restructure", "oldest"])
 def test_an_old_checkpoint_predicts_in_infer_and_resumes(trained_run, tmp_path, demo_dir, form):
     import shutil
-    from utils import save_checkpoint
     run_dir, _ = trained_run
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
@@ -250,7 +249,6 @@ def test_an_old_checkpoint_predicts_in_infer_and_resumes(trained_run, tmp_path, 
     cfg = {k: ckpt["config"].get(k, 0.5) for k in OLD_CONFIG_KEYS}  # MASK_THRESHOLD 0.5
     if form == "oldest":
         cfg = {k: v for k, v in cfg.items() if k not in OLDEST_LACKS}
-        cfg["FREEZE_BN"] = False  # a run of this form that froze BatchNorm is asked to choose (another test)
     state = {k: ckpt[k] for k in OLD_CHECKPOINT_KEYS if not (form == "oldest" and k == "rng_ranks")}
     torch.save({**state, "config": cfg}, old / "last.pt")
     out = infer.main(["--checkpoint", str(old / "last.pt"), "--data-dir", str(demo_dir), "--output-json",

@@ -5,7 +5,6 @@ import torch
 from pycocotools import mask as mask_utils
 from torchvision.models.detection.roi_heads import paste_masks_in_image
 
-import infer
 from utils import decode_mask
 import predict
 

@@ -6,7 +6,7 @@ import losses
 import predict
 import train
 from dataset import CellDataset
-from model import build_model
+from model import build_model, set_thresholds
 
 RECIPE = {name: getattr(train, name) for name, _, _ in train.CONFIG}  # train.py's defaults: the recipe
 
@@ -15,7 +15,8 @@ def test_recipe_trains_a_step_and_predicts_in_tiles_on_the_real_sample(sample_di
     cfg = dict(RECIPE, PRETRAINED=False, MIN_SIZE=320, MAX_SIZE=400, LOSSES="report", SCALE=0.0)  # small input: CPU
     assert cfg["BACKBONE"] == "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"
     torch.manual_seed(0)
-    model = build_model(cfg, load_pretrained=False, detections_per_image=100)  # FREEZE_BN auto: live BN
+    model = build_model(cfg, load_pretrained=False)  # FREEZE_BN auto: live BN
+    set_thresholds(model, infer.prediction_settings(DETECTIONS_PER_IMAGE=100))
     image, target = CellDataset(sample_dir, ["course-sample"], sizing=(320, 400, 0.0))[0]
     assert max(image.shape[-2:]) <= 400 and len(target["labels"]) == 161
     model.train()

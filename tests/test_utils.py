@@ -4,6 +4,7 @@ import sys
 import numpy as np
 import pytest
 
+import infer
 import train
 from evaluate import coco_evaluate, coco_ground_truth
 from conftest import ROOT
@@ -41,7 +42,7 @@ ALPHA = 1.5                   # the first constant,
                               # and its comment goes on here
 BETA = [1, 2]  # a list
 # a section note that belongs to no constant
-GAMMA = "x"
+GAMMA = "x"  # a string
 # ---- config: second part
 DELTA = {"a": 1}              # a dict, with 50% of a percent sign
 # ---- end of config
@@ -53,8 +54,23 @@ def test_config_block_reads_the_constants_their_sections_and_comments(tmp_path):
     path = tmp_path / "script.py"
     path.write_text(CONFIG_SCRIPT)
     assert config_block(path) == [("ALPHA", "first part", "the first constant, and its comment goes on here"),
-                                  ("BETA", "first part", "a list"), ("GAMMA", "first part", ""),
+                                  ("BETA", "first part", "a list"), ("GAMMA", "first part", "a string"),
                                   ("DELTA", "second part", "a dict, with 50% of a percent sign")]
+
+
+@pytest.mark.parametrize("line", ["EPSILON = 1", "EPSILON: int = 1  # annotated", "lower = 1  # not a constant"])
+def test_config_block_refuses_a_constant_it_could_not_explain(tmp_path, line):
+    path = tmp_path / "script.py"
+    path.write_text(CONFIG_SCRIPT.replace("# ---- end of config", line + "\n# ---- end of config"))
+    with pytest.raises(ValueError, match="script.py:1[0-9]"):
+        config_block(path)
+
+
+def test_a_renamed_flag_stops_with_its_new_name():
+    with pytest.raises(SystemExit, match="--scale is gone: use --input-scale"):
+        infer.main(["--scale", "2"])
+    with pytest.raises(SystemExit, match="--mask-threshold is gone: .*infer.py --mask-threshold"):
+        train.resolve_config(["--mask-threshold=0.4"])
 
 
 @pytest.mark.parametrize("script", ["train.py", "infer.py"])
