@@ -80,7 +80,7 @@ def test_checkpoint_alone_rebuilds_the_same_model(trained_run, demo_dir):
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["mask_probs"], b["mask_probs"])
 
 
-def test_infer_writes_a_valid_submission(trained_run, demo_dir, tmp_path):
+def test_infer_writes_a_valid_submission(trained_run, demo_dir, tmp_path, capsys):
     run_dir, _ = trained_run
     out = tmp_path / "test-results.json"
     infer.main(["--checkpoint", str(run_dir / "best.pt"), "--data-dir", str(demo_dir), "--output-json", str(out),
@@ -94,6 +94,7 @@ def test_infer_writes_a_valid_submission(trained_run, demo_dir, tmp_path):
                           "--detections-per-image", "50"])
     assert 0.0 <= metrics["ap50"] <= 1.0 and metrics["ap50_maxdets1000"] >= metrics["ap50"] - 1e-9
     assert metrics["tp"] + metrics["fn"] > 0 and set(metrics["per_class_ap50"]) == {1, 2, 3, 4}
+    assert "AP50 ceiling (maxDets 100)" in capsys.readouterr().out  # what the metric leaves reachable, said
 
 
 def test_sweep_matches_eval_and_overlays_are_written(trained_run):
