@@ -216,10 +216,10 @@ def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
     metrics["ap50_maxdets1000"] = evaluate.coco_evaluate(coco_gt, results, max_dets=1000)["ap50"]
     metrics.update(evaluate.matching_accuracy(coco_gt, results))
     print_metrics(metrics, len(dataset), len(results))
-    print("  " + evaluate.format_ceiling(evaluate.ceiling(coco_gt), metrics["ap50"]))
-    capped = evaluate.ceiling(coco_gt)["capped"]
-    if capped:
-        print("  most capped: " + ", ".join(f"{dataset.ids[i]} class {k}: {n} cells" for i, k, n in capped[:5]))
+    limit = evaluate.ceiling(coco_gt)
+    print("  " + evaluate.format_ceiling(limit, metrics["ap50"]))
+    if limit["capped"]:
+        print("  most capped: " + ", ".join(f"{dataset.ids[i]} class {k}: {n} cells" for i, k, n in limit["capped"][:5]))
     out_dir = Path(checkpoint).parent
     if cfg["SWEEP"]:
         table = sweep(raw, coco_gt, sorted({*SWEEP_MASK_THRESHOLDS, cfg["MASK_THRESHOLD"]}),

@@ -310,6 +310,7 @@ def fit(cfg, run, data, device, log):
     limit = evaluate.ceiling(coco_gt) if coco_gt is not None else None  # what maxDets 100 leaves reachable
     if limit is not None:
         log(f"val split: {evaluate.format_ceiling(limit)}")
+    weights = losses.preset_weights(cfg["LOSSES"], cfg["LOSS_WEIGHTS"])
     out_of_time = lambda: budget > 0 and state.get("train_seconds", 0.0) >= budget  # noqa: E731
     if state["stopped_early"] or state["epoch"] >= cfg["EPOCHS"]:
         log(f"{cfg['RUN_DIR']} has finished training (epoch {state['epoch']}); nothing to do")
@@ -320,7 +321,6 @@ def fit(cfg, run, data, device, log):
         if data.sampler is not None:
             data.sampler.set_epoch(state["epoch"])
         deadline = t0 + budget - state.get("train_seconds", 0.0) if budget > 0 else None
-        weights = losses.preset_weights(cfg["LOSSES"], cfg["LOSS_WEIGHTS"])
         stats, skipped = engine.train_one_epoch(run.model, data.loader, run.optimizer, device, cfg, state, weights,
                                                 run.scaler, run.dtype, deadline, run.ema)
         # every process adds the same (slowest) figure, so all agree on the budget and stop together

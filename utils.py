@@ -48,7 +48,8 @@ def _parse_float(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
 
 
-CONFIG_MARK = "# ---- config"  # "# ---- config: <section>" opens a section of constants, "# ---- end of config" closes
+CONFIG_MARK = "# ---- config"  # "# ---- config: <section>" opens a section of constants ...
+CONFIG_END = "# ---- end of config"  # ... and this line closes the block
 
 
 def config_block(path):
@@ -62,16 +63,15 @@ def config_block(path):
     comments = {t.start[0]: (t.start[1], t.string.lstrip("#").strip())
                 for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
     lines = source.splitlines()
-    sections, section, end = {}, None, None
+    sections, end = {}, None  # {line of a section's marker: its name}, the end marker's line
     for n, line in enumerate(lines, start=1):
         if line.startswith(CONFIG_MARK + ":"):
-            section = line[len(CONFIG_MARK) + 1:].strip(" -")
-            sections[n] = section
-        elif line.startswith("# ---- end of config"):
+            sections[n] = line[len(CONFIG_MARK) + 1:].strip(" -")
+        elif line.startswith(CONFIG_END):
             end = n
             break
     if not sections or end is None:
-        raise ValueError(f"{path}: no config block ('{CONFIG_MARK}: <section>' ... '# ---- end of config')")
+        raise ValueError(f"{path}: no config block ('{CONFIG_MARK}: <section>' ... '{CONFIG_END}')")
     out = []
     for node in ast.parse(source).body:
         if not min(sections) < node.lineno < end:
