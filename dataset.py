@@ -20,9 +20,11 @@ import tifffile
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from skimage.color import hed_from_rgb, rgb_from_hed
 
 from utils import NUM_CLASSES, coco_dict
 
+HED_FROM_RGB, RGB_FROM_HED = hed_from_rgb.astype(np.float32), rgb_from_hed.astype(np.float32)  # skimage's stain matrix
 MAX_EXACT_ID = 2**24  # label maps travel as float32 through augmentation: ids up to 2^24 stay exact
 
 
@@ -135,11 +137,42 @@ def instances_from_labels(label_maps):
 
 # ----------------------------------------------------------------------------------------------
 # datasets
-def train_augmentation(stain=0.0):
+def hed_jitter(image, scale, shift):
+    """An RGB uint8 image with its stains jittered (Tellez et al. 2018): the optical density split into
+    haematoxylin, eosin and DAB by skimage's fixed stain matrix (hed_from_rgb), each stain's concentration
+    times scale[k] plus shift[k] (optical-density units), recombined (rgb_from_hed). skimage's
+    rgb2hed/hed2rgb clip negative concentrations, which moves pixels by up to 66 grey levels with no
+    jitter at all; here nothing is clipped before the end, so scale 1 and shift 0 give the image back."""
+    od = -np.log(np.maximum(image[..., :3].astype(np.float32) / 255.0, 1e-6))  # skimage's floor
+    stains = od @ HED_FROM_RGB * np.asarray(scale, np.float32) + np.asarray(shift, np.float32)
+    rgb = np.exp(-(stains @ RGB_FROM_HED)) * 255.0
+    out = image.copy()
+    out[..., :3] = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+class HEDJitter(A.ImageOnlyTransform):
+    """The stain jitter as an albumentations transform: scale in [1 - strength, 1 + strength] and shift in
+    [-strength, strength] drawn per stain (hed_jitter). albumentations' HEStain rebuilds every pixel from a
+    preset stain matrix not fitted to the image: at neutral settings it already moves the course sample's
+    pixels by 9-24 grey levels and turns brown nuclei violet."""
+
+    def __init__(self, strength=0.05, p=1.0):
+        super().__init__(p=p)
+        self.strength = float(strength)
+
+    def get_params(self):
+        s = self.strength
+        return {"scale": self.random_generator.uniform(1 - s, 1 + s, 3), "shift": self.random_generator.uniform(-s, s, 3)}
+
+    def apply(self, img, scale=(1.0, 1.0, 1.0), shift=(0.0, 0.0, 0.0), **params):
+        return hed_jitter(img, scale, shift)
+
+
+def train_augmentation(stain=0.0, strength=0.05):
     """Flips, 90-degree and small free rotations (nearest-neighbour for the label maps), to-gray; with
-    stain > 0 also, with that probability, an H&E stain jitter (albumentations' HEStain: one of its
-    preset stain matrices at random, stain intensities scaled and shifted) and a brightness/contrast change.
-    Pixel-level only: the label maps are never touched by it."""
+    stain > 0 also, with that probability, the HED stain jitter of the given strength (HEDJitter) and a
+    brightness/contrast change. Pixel-level only: the label maps are never touched by it."""
     steps = [
         A.HorizontalFlip(p=0.5),
         A.VerticalFlip(p=0.5),
@@ -149,7 +182,7 @@ def train_augmentation(stain=0.0):
         A.ToGray(p=0.1),
     ]
     if stain > 0:  # absent (not p=0) when off, so the augmentation stream of other runs is unchanged
-        steps.insert(4, A.Sequential([A.HEStain(method="random_preset", p=1.0),
+        steps.insert(4, A.Sequential([HEDJitter(strength, p=1.0),
                                       A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=1.0)],
                                      p=stain))
     return A.Compose(steps)
@@ -269,14 +302,15 @@ class CellDataset(torch.utils.data.Dataset):
 
     jitter (lo, hi) (SCALE_JITTER, training only): the sizing rule's factor times a random factor in
     [lo, hi]; where that input would pass max_size, a random window that fits is cropped first, as for
-    a fixed scale. stain (STAIN_AUG): probability of the stain jitter of train_augmentation.
+    a fixed scale. stain (STAIN_AUG): probability of the stain jitter of train_augmentation, of strength
+    stain_strength (STAIN_STRENGTH).
     """
 
-    def __init__(self, data_dir, ids, train=False, sizing=None, jitter=(1.0, 1.0), stain=0.0):
+    def __init__(self, data_dir, ids, train=False, sizing=None, jitter=(1.0, 1.0), stain=0.0, stain_strength=0.05):
         self.dir = Path(data_dir) / "train"
         self.ids = list(ids)
         self.train = train
-        self.augment = train_augmentation(stain) if train else None
+        self.augment = train_augmentation(stain, stain_strength) if train else None
         self.sizing = sizing
         self.jitter = check_jitter(jitter)
 

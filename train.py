@@ -61,7 +61,9 @@ SCALE = 0.0                   # > 0: resize every image by this fixed factor ins
                               # images, inference tiles them (infer.py TILE)
 SCALE_JITTER = [1.0, 1.0]     # [lo, hi]: each training image resized by a random factor in [lo, hi] times the sizing
                               # rule's, then cropped to at most MAX_SIZE ([0.5, 2.0]: the 0.639 entry's); [1, 1] = off
-STAIN_AUG = 0.0               # probability of an H&E stain jitter (albumentations HEStain) + brightness/contrast
+STAIN_AUG = 0.0               # probability of a stain jitter (HED colour space, dataset.HEDJitter) + brightness/contrast
+STAIN_STRENGTH = 0.05         # the jitter's strength s: each stain's concentration times [1-s, 1+s] plus [-s, s]
+                              # (optical density; 0.05 = Tellez et al.'s "HED-light")
 # ---- config: optimisation
 EPOCHS = 50                   # at most this many epochs (early stopping may end sooner)
 MAX_MINUTES = 0.0             # > 0: also stop when training steps (validation not counted) have taken this long,
@@ -152,6 +154,8 @@ def check_levers(cfg):
         raise SystemExit(f"--scale-jitter: {e}") from None
     if not 0 <= cfg["STAIN_AUG"] <= 1:
         raise SystemExit(f"--stain-aug {cfg['STAIN_AUG']}: a probability, 0 to 1")
+    if not 0 <= cfg["STAIN_STRENGTH"] < 1:
+        raise SystemExit(f"--stain-strength {cfg['STAIN_STRENGTH']}: 0 (no jitter) to below 1 (0.05: HED-light)")
     if not 0 <= cfg["EMA"] < 1:
         raise SystemExit(f"--ema {cfg['EMA']}: a decay in [0, 1), e.g. 0.999 (0 = off)")
 
@@ -220,7 +224,7 @@ def setup_data(cfg, ckpt, rank, world, device, log):
         train_ids, val_ids = split_ids(all_ids, cfg["VAL_FRACTION"], cfg["SPLIT_SEED"])
     sizing = (cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["SCALE"])
     train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True, sizing=sizing, jitter=cfg["SCALE_JITTER"],
-                            stain=cfg["STAIN_AUG"])
+                            stain=cfg["STAIN_AUG"], stain_strength=cfg["STAIN_STRENGTH"])
     loader, sampler, generator = make_train_loader(train_set, cfg, rank, world, device)
     return SimpleNamespace(
         train_ids=train_ids, val_ids=val_ids, loader=loader, sampler=sampler, generator=generator,

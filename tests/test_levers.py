@@ -10,8 +10,8 @@ from torchvision.ops import masks_to_boxes
 
 import infer
 import train
-from conftest import TINY, tiny_args, write_sample
-from dataset import CellDataset, collate, list_train_ids
+from conftest import SAMPLE, TINY, tiny_args, write_sample
+from dataset import CellDataset, HEDJitter, collate, hed_jitter, list_train_ids
 from model import build_model
 from utils import load_checkpoint
 import engine
@@ -205,3 +205,35 @@ def test_stain_augmentation_changes_pixels_not_masks(sample_dir):
         assert torch.equal(a["labels"], b["labels"]) and a_img.shape == b_img.shape
         changed += (a_img - b_img).abs().mean().item() > 0.01
     assert changed >= 3  # ToGray (p 0.1) may grey both alike
+
+
+def course_pixels():
+    import tifffile
+    return tifffile.imread(SAMPLE / "image.tif")[..., :3]
+
+
+def test_stain_jitter_at_zero_strength_gives_the_image_back():
+    """scale 1 and shift 0 (strength 0): every pixel within one grey level (skimage's rgb2hed/hed2rgb round
+    trip, which clips negative stains, moves the course sample's pixels by up to 66)."""
+    image = course_pixels()
+    assert np.abs(hed_jitter(image, [1, 1, 1], [0, 0, 0]).astype(int) - image).max() <= 1
+    still = HEDJitter(0.0)
+    still.set_random_seed(0)
+    assert np.abs(still.apply(image, **still.get_params()).astype(int) - image).max() <= 1
+
+
+def test_default_stain_jitter_keeps_the_mean_colour_close():
+    """At STAIN_STRENGTH's default the course sample's mean colour moves by at most 24 grey levels per
+    channel at every corner of the jitter's range (scale 1 +- s, shift +- s for all three stains; 20 at
+    worst, measured), and a random draw does move it."""
+    image = course_pixels().astype(np.float64)
+    s = train.STAIN_STRENGTH
+    for scale in (1 - s, 1 + s):
+        for shift in (-s, s):
+            moved = hed_jitter(image.astype(np.uint8), [scale] * 3, [shift] * 3).reshape(-1, 3).mean(0)
+            assert np.abs(moved - image.reshape(-1, 3).mean(0)).max() <= 24, (scale, shift)
+    jitter = HEDJitter(s)
+    jitter.set_random_seed(1)
+    drawn = jitter.get_params()
+    assert np.all(np.abs(drawn["scale"] - 1) <= s) and np.all(np.abs(drawn["shift"]) <= s)
+    assert np.abs(jitter.apply(image.astype(np.uint8), **drawn).astype(int) - image).mean() > 0.5
