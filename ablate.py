@@ -15,8 +15,10 @@ reuse the trained checkpoint). Everything after `--` goes to every train.py run.
 value: `--each --vary heads=cascade --vary ema=0.999`) instead of every combination.
 --seeds N trains every row with N seeds (SEED, SEED+1, ...: initialisation, data order and augmentation vary,
 the val split, SPLIT_SEED, stays) and reports mean +- sd of each score.
+--ensemble (with --seeds >= 2) adds a row per configuration: each seed's best.pt fused with the next seed's
+(infer.py --checkpoint a,b: detections fused as TTA's), its steps and seconds the two runs' sums.
 --peer adds torchvision's stock Mask R-CNN (peer.py), tuned as a user would: each optimiser setting of
-peer.GRID trains with the first seed and the same budget, the best final val AP50 picks one (the test images
+peer.GRID (or --peer-grid) trains with the first seed and the same budget, the best final val AP50 picks one (the test images
 are never looked at for it), and that setting trains with every seed: the "peer (tuned)" row, and the ratio
 of each row's test AP50 to it, seed by seed.
 
@@ -47,7 +49,7 @@ import peer
 import train
 from dataset import DataError, TestDataset
 from model import PretrainedWeightsError
-from predict import load_model, predict_dataset, predict_options, to_records
+from predict import load_ensemble, predict_dataset, to_records
 from utils import (CheckpointError, _parse_bool, atomic_write, load_checkpoint, pick_device, save_figure, save_json,
                    write_csv)
 
@@ -133,12 +135,17 @@ def score(records, coco_gt, state):
     return row
 
 
-def score_ours(run_dir, data_dir, inference, device, coco_gt):
-    """Our checkpoint (best.pt) on the test images, with infer.py's prediction constants but those given."""
+def score_ours(run_dirs, data_dir, inference, device, coco_gt):
+    """Our checkpoint (best.pt), or the ensemble of several runs' (detections fused, as infer.py --checkpoint
+    a,b), on the test images with infer.py's prediction constants but those given. An ensemble's steps and
+    seconds are its runs' sums: what it cost to train."""
     settings = infer.prediction_settings(**inference)
-    model, ckpt = load_model(run_dir / "best.pt", device, settings)
-    raw = predict_dataset(model, TestDataset(data_dir), device, predict_options(ckpt["config"], settings), desc="test")
-    return score(to_records(raw, settings["MASK_THRESHOLD"]), coco_gt, load_checkpoint(run_dir / "last.pt")["state"])
+    models, opts, _ = load_ensemble([Path(d) / "best.pt" for d in run_dirs], device, settings)
+    raw = predict_dataset(models, TestDataset(data_dir), device, opts, desc="test")
+    states = [load_checkpoint(Path(d) / "last.pt")["state"] for d in run_dirs]
+    state = {"step": sum(st["step"] for st in states), "epoch": max(st["epoch"] for st in states),
+             "train_seconds": sum(st.get("train_seconds", float("nan")) for st in states)}
+    return score(to_records(raw, settings["MASK_THRESHOLD"]), coco_gt, state)
 
 
 def mean_sd(values):
@@ -239,11 +246,16 @@ def parse_args(argv):
     ap.add_argument("--each", action="store_true", help="one training constant at a time against the shared "
                     "configuration (the 'base' row), instead of every combination")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per row (SEED, SEED+1, ...; the split stays)")
+    ap.add_argument("--ensemble", action="store_true", help="with --seeds >= 2: also each seed's checkpoint fused "
+                    "with the next seed's (a two-checkpoint ensemble; its cost: both runs)")
     ap.add_argument("--peer", action="store_true", help="add torchvision's stock Mask R-CNN (peer.py), its "
                     "optimiser chosen on val from peer.GRID")
+    ap.add_argument("--peer-grid", default="", metavar="OPT:LR,...",
+                    help="the peer's optimiser settings to try, e.g. adamw:1e-4,adamw:2e-4,sgd:0.01 (default: peer.GRID)")
     ap.add_argument("--peer-backbone", default="", help="the peer's torchvision ResNet (default: ours' BACKBONE)")
     ap.add_argument("--minutes", type=float, default=0.0, help="training minutes per run (MAX_MINUTES)")
     args = ap.parse_args(own)
+    args.peer_grid = parse_peer_grid(args.peer_grid) if args.peer_grid else list(peer.GRID)
     if args.seeds < 1:
         raise SystemExit("--seeds: at least 1")
     args.own = own
@@ -293,12 +305,43 @@ def run_ours(out, base, assignment, seed, seeds, infer_grid, inference, data_dir
         path = run_dir / f"score-{run_name(inf)}.json"
         if not path.is_file():
             print(f"[ablate] {where}: {name}: scoring {run_name(inf)} on the test images", flush=True)
-            save_json(score_ours(run_dir, data_dir, {n: typed(n, v, inference[n]) for n, v in inf}, device, coco_gt),
+            save_json(score_ours([run_dir], data_dir, {n: typed(n, v, inference[n]) for n, v in inf}, device, coco_gt),
                       path)
         rows.append({"label": label if not inf else f"{label} / {run_name(inf)}", "seed": seed, "run_dir": str(run_dir),
                      **{n.lower(): v for n, v in assignment}, **{n.lower(): v for n, v in inf},
                      **json.loads(path.read_text())})
     return rows
+
+
+def parse_peer_grid(text):
+    """'adamw:1e-4,sgd:0.01' -> [("adamw", 1e-4), ("sgd", 0.01)]; a bad entry stops with the form expected."""
+    grid = []
+    for item in text.split(","):
+        optimizer, _, lr = item.strip().partition(":")
+        try:
+            grid.append((optimizer.strip().lower(), float(lr)))
+        except ValueError:
+            raise SystemExit(f"--peer-grid {item!r}: expected OPTIMIZER:LR, e.g. adamw:2e-4") from None
+        if grid[-1][0] not in peer.OPTIMIZERS or grid[-1][1] <= 0:
+            raise SystemExit(f"--peer-grid {item!r}: optimizer one of {', '.join(peer.OPTIMIZERS)}, lr > 0")
+    return grid
+
+
+def run_ensembles(label, runs, infer_grid, inference, data_dir, device, coco_gt):
+    """--ensemble: the runs [(run folder, seed)] of one configuration; seed i's best.pt fused with seed i+1's
+    (the last with the first), scored as one more row per seed ('<label> + next seed')."""
+    out = []
+    for i, (run_dir, seed) in enumerate(runs):
+        partner = runs[(i + 1) % len(runs)][0]
+        for inf in infer_grid:
+            path = Path(run_dir) / f"score-ensemble-{run_name(inf)}.json"
+            if not path.is_file():
+                print(f"[ablate] ensemble {run_dir} + {partner}: scoring {run_name(inf)}", flush=True)
+                save_json(score_ours([run_dir, partner], data_dir, {n: typed(n, v, inference[n]) for n, v in inf},
+                                     device, coco_gt), path)
+            out.append({"label": f"{label if not inf else label + ' / ' + run_name(inf)} + next seed", "seed": seed,
+                        "run_dir": run_dir, **{n.lower(): v for n, v in inf}, **json.loads(path.read_text())})
+    return out
 
 
 def run_peer(out, cfg, args, seeds, data_dir, device, coco_gt):
@@ -317,7 +360,7 @@ def run_peer(out, cfg, args, seeds, data_dir, device, coco_gt):
         return run_dir, load_checkpoint(last)["state"]
 
     grid = []
-    for optimizer, lr in peer.GRID:
+    for optimizer, lr in args.peer_grid:
         run_dir, state = trained(optimizer, lr, seeds[0])
         final = state["history"][-1]["val_ap50"] if state["history"] else float("nan")
         grid.append({"optimizer": optimizer, "lr": lr, "val_ap50": final, "steps": state["step"],
@@ -349,9 +392,15 @@ def main(argv=None):
     t_start, rows, grid = time.time(), [], []
     names = [n for n, _ in varied]
     for i, assignment in enumerate(train_grid, start=1):
+        runs = []
         for seed in seeds:
-            rows += run_ours(out, base, assignment, seed, seeds, infer_grid, inference, data_dir, device, coco_gt,
-                             f"run {i}/{len(train_grid)}, seed {seed}")
+            new = run_ours(out, base, assignment, seed, seeds, infer_grid, inference, data_dir, device, coco_gt,
+                           f"run {i}/{len(train_grid)}, seed {seed}")
+            rows += new
+            runs.append((new[0]["run_dir"], seed))
+            write_outputs(out, rows, names, "")
+        if args.ensemble and len(seeds) > 1:
+            rows += run_ensembles(run_name(assignment), runs, infer_grid, inference, data_dir, device, coco_gt)
             write_outputs(out, rows, names, "")
     if args.peer:
         peer_rows, grid = run_peer(out, cfg, args, seeds, data_dir, device, coco_gt)

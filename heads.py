@@ -14,16 +14,19 @@ The cascade:
 
 torchvision has no cascade; this follows mmdetection's CascadeRoIHead (which re-samples per stage)
 and detectron2's CascadeROIHeads (stage box coders, the inference score):
-- Training: each stage matches its input boxes to the cells at its own IoU threshold (positive >= t,
-  background < t), adds the cells as boxes and samples ROI_BATCH_SIZE RoIs (25% cells), as the standard
-  head does. Its class-agnostic deltas, encoded with its own box-coder weights (10,10,5,5 / 20,20,10,10 /
-  30,30,15,15: later stages regress finer offsets), refine its sampled boxes, detached, for the next
-  stage (the cells added as boxes are dropped first, mmdetection's `refine_bboxes`). Every loss preset
-  applies per stage (losses.box_losses); a term is the stage sum with weights 1 / 0.5 / 0.25.
-- The mask head trains on the last stage's cell RoIs (the best-placed boxes, IoU >= 0.7) and predicts
-  on the final boxes.
-- Inference: score = the mean of the three stages' class probabilities (each on its own input boxes),
-  boxes = the last stage's regression; then torchvision's per-class thresholding, NMS and top-k.
+- Training (detectron2's CascadeROIHeads): stage 1 matches the RPN proposals plus the cells (added as
+  boxes, once) at IoU 0.5 and samples ROI_BATCH_SIZE RoIs (25% cells), as the standard head does. Each
+  stage's class-agnostic deltas, encoded with its own box-coder weights (10,10,5,5 / 20,20,10,10 /
+  30,30,15,15: later stages regress finer offsets), refine its boxes, detached, for the next stage, which
+  only relabels them at its own threshold (0.6, 0.7): no cells added again, no re-sampling. (mmdetection
+  adds the cells at every stage and re-samples: in an image of 700 cells most of stage 3's positives are
+  then the cells' own boxes, a regressor that learns zero deltas.) Every loss preset applies per stage
+  (losses.box_losses); a term is the stage sum with weights 1 / 0.5 / 0.25.
+- The mask head trains on stage 1's cell RoIs (IoU >= 0.5, detectron2's choice: the 0.5-0.7 boxes on which
+  AP50 is decided included) and predicts on the final boxes.
+- Inference: score = the mean of the first `score_stages` stages' class probabilities (each on its own input
+  boxes; all three by default, as detectron2; infer.py CASCADE_SCORE_STAGES), boxes = the last stage's
+  regression; then the per-class post-processing of every head here (select_detections).
 The RPN, RoIAlign, mask head and mask predictor are the standard model's; only the box head and
 predictor are per stage (state_dict keys roi_heads.box_heads.<s>.*, roi_heads.box_predictors.<s>.*).
 """
@@ -41,6 +44,43 @@ import losses
 STAGE_IOUS = (0.5, 0.6, 0.7)
 STAGE_BOX_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
 STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
+METRIC_MAX_DETS = 100  # the leaderboard's pycocotools counts at most this many detections per image and class
+
+
+def class_budget(scores, labels, limit, reserve=METRIC_MAX_DETS):
+    """Indices of at most `limit` detections, highest score first, shared out by class: each class keeps
+    its best min(reserve, limit // classes present) whatever the others score (the metric counts 100 per
+    image AND class, so a dominant class's 101st detection must not push out a rare class's first), and the
+    rest of the limit goes to the best of the remaining detections. torchvision cuts one global top-k."""
+    order = scores.argsort(descending=True, stable=True)
+    if len(order) <= limit:
+        return order
+    ranked = labels[order]
+    classes = ranked.unique()
+    per_class = min(reserve, limit // len(classes))
+    rank = torch.empty_like(order)  # each detection's place within its own class
+    for c in classes:
+        where = torch.where(ranked == c)[0]
+        rank[where] = torch.arange(len(where), device=rank.device)
+    reserved = rank < per_class
+    others = torch.where(~reserved)[0][:max(limit - int(reserved.sum()), 0)]
+    return order[torch.cat([torch.where(reserved)[0], others]).sort().values]
+
+
+def select_detections(boxes, scores, score_thresh, nms_thresh, limit):
+    """One image's candidate boxes (N, K, 4) and probabilities (N, K) of the K foreground classes (labels
+    1..K) -> {boxes, scores, labels}: torchvision's postprocess_detections (score threshold, tiny boxes out,
+    class-wise NMS), then class_budget in place of its global top-k."""
+    n, k = scores.shape
+    labels = torch.arange(1, k + 1, device=scores.device).repeat(n)
+    boxes, scores = boxes.reshape(-1, 4), scores.reshape(-1)
+    keep = torch.where(scores > score_thresh)[0]
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+    boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+    keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)
+    keep = keep[class_budget(scores[keep], labels[keep], limit)]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
 def reset_parameters(module):
@@ -93,6 +133,16 @@ class PresetRoIHeads(RoIHeads):
             out.update(self.mask_training_losses(features, image_shapes, targets, proposals, labels, matched_idxs))
         return [], out
 
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        """torchvision's, with the detection budget per class (select_detections)."""
+        counts = [len(p) for p in proposals]
+        boxes = self.box_coder.decode(box_regression, proposals).split(counts)
+        scores = F.softmax(class_logits, -1).split(counts)
+        out = [select_detections(box_ops.clip_boxes_to_image(b, shape)[:, 1:], sc[:, 1:], self.score_thresh,
+                                 self.nms_thresh, self.detections_per_img)
+               for b, sc, shape in zip(boxes, scores, image_shapes)]
+        return [o["boxes"] for o in out], [o["scores"] for o in out], [o["labels"] for o in out]
+
     def mask_training_losses(self, features, image_shapes, targets, boxes, labels, matched):
         """The mask head on the sampled cell RoIs of each image (the preset's mask terms)."""
         pos = [lab > 0 for lab in labels]
@@ -118,6 +168,7 @@ class CascadeRoIHeads(PresetRoIHeads):
         self.stage_matchers = [det_utils.Matcher(t, t, allow_low_quality_matches=False) for t in STAGE_IOUS]
         self.stage_coders = [det_utils.BoxCoder(w) for w in STAGE_BOX_WEIGHTS]
         self.stage_loss_weights = STAGE_LOSS_WEIGHTS
+        self.score_stages = len(STAGE_IOUS)  # inference: the mean class probability of stages 1..score_stages
 
     @classmethod
     def from_torchvision(cls, heads, copy_weights=False, **kwargs):
@@ -140,19 +191,18 @@ class CascadeRoIHeads(PresetRoIHeads):
                    positive_fraction=heads.fg_bg_sampler.positive_fraction, score_thresh=heads.score_thresh,
                    nms_thresh=heads.nms_thresh, detections_per_img=heads.detections_per_img, **kwargs)
 
-    # ---- training: per-stage sampling and losses ----------------------------------------------
-    def sample_stage(self, s, boxes, targets):
-        """Stage s's training RoIs of each image: its input boxes plus the cells, matched at the stage's
-        IoU threshold, sampled by the standard sampler (ROI_BATCH_SIZE, 25% cells). torchvision's
-        select_training_samples does this with one matcher and coder and does not say which sampled RoIs
-        are the added cells, which the next stage must drop. Returns lists (boxes, labels, matched cell,
-        regression targets, is-a-cell)."""
+    # ---- training: per-stage labels and losses ------------------------------------------------
+    def label_stage(self, s, boxes, targets):
+        """Stage s's training RoIs of each image, labelled at the stage's IoU threshold (cell >= t, background
+        < t). Stage 1 (s=0) first adds the cells as boxes and samples ROI_BATCH_SIZE RoIs (25% cells) with the
+        standard sampler, as torchvision's select_training_samples does with its one matcher and coder; later
+        stages keep every box they are given (detectron2's _match_and_label_boxes). Returns lists (boxes,
+        labels, matched cell, regression targets in the stage's coder)."""
         matcher, coder = self.stage_matchers[s], self.stage_coders[s]
         out = []
         for b, t in zip(boxes, targets):
             gt = t["boxes"].to(b.dtype)
-            cand = torch.cat([b, gt])
-            is_gt = torch.arange(len(cand), device=b.device) >= len(b)
+            cand = torch.cat([b, gt]) if s == 0 else b
             if len(gt) == 0:  # a negative image: every RoI is background
                 matched = torch.zeros(len(cand), dtype=torch.int64, device=b.device)
                 labels = torch.zeros_like(matched)
@@ -162,10 +212,11 @@ class CascadeRoIHeads(PresetRoIHeads):
                 matched = m.clamp(min=0)
                 labels = t["labels"][matched].to(torch.int64)
                 labels[m < 0] = 0
-            pos, neg = self.fg_bg_sampler([labels])
-            keep = torch.where(pos[0] | neg[0])[0]
-            cand, labels, matched, is_gt = cand[keep], labels[keep], matched[keep], is_gt[keep]
-            out.append((cand, labels, matched, coder.encode_single(gt[matched], cand), is_gt))
+            if s == 0:
+                pos, neg = self.fg_bg_sampler([labels])
+                keep = torch.where(pos[0] | neg[0])[0]
+                cand, labels, matched = cand[keep], labels[keep], matched[keep]
+            out.append((cand, labels, matched, coder.encode_single(gt[matched], cand)))
         return [list(x) for x in zip(*out)]
 
     def stage_box_losses(self, s, class_logits, deltas, labels, regression_targets, boxes):
@@ -187,29 +238,28 @@ class CascadeRoIHeads(PresetRoIHeads):
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
             self.check_targets(targets)
-        boxes, probs, stage_losses, last = proposals, [], [], None
+        boxes, probs, stage_losses, first = proposals, [], [], None
         for s in range(len(self.box_heads)):
             if self.training:
-                boxes, labels, matched, regression_targets, is_gt = self.sample_stage(s, boxes, targets)
+                boxes, labels, matched, regression_targets = self.label_stage(s, boxes, targets)
+                first = first or (boxes, labels, matched)  # the mask head's RoIs: stage 1's
             class_logits, deltas = self.run_stage(s, features, boxes, image_shapes)
             refined = self.stage_coders[s].decode_single(deltas, torch.cat(boxes)).split([len(b) for b in boxes])
             refined = [box_ops.clip_boxes_to_image(r, shape) for r, shape in zip(refined, image_shapes)]
             if self.training:
                 stage_losses.append(self.stage_box_losses(s, class_logits, deltas, torch.cat(labels),
                                                           torch.cat(regression_targets), torch.cat(boxes)))
-                last = (boxes, labels, matched)
-                # the next stage's input: this stage's refined RoIs, detached, without the added cells and
-                # empty boxes (mmdetection's refine_bboxes, detectron2's nonempty())
-                refined = [r.detach()[~g & (r[:, 2] > r[:, 0]) & (r[:, 3] > r[:, 1])] for r, g in zip(refined, is_gt)]
-            else:
+                # the next stage's input: this stage's refined RoIs, detached, without empty boxes (detectron2)
+                refined = [r.detach()[(r[:, 2] > r[:, 0]) & (r[:, 3] > r[:, 1])] for r in refined]
+            elif s < self.score_stages:
                 probs.append(F.softmax(class_logits, -1))
             boxes = refined
         if self.training:
             result, out = [], self.combine_stage_losses(stage_losses)
             if self.has_mask():
-                out.update(self.mask_training_losses(features, image_shapes, targets, *last))
+                out.update(self.mask_training_losses(features, image_shapes, targets, *first))
             return result, out
-        scores = torch.stack(probs).mean(0).split([len(b) for b in boxes])  # the stages' mean probability
+        scores = torch.stack(probs).mean(0).split([len(b) for b in boxes])  # the scoring stages' mean probability
         result = [self.detections(b, sc) for b, sc in zip(boxes, scores)]
         if self.has_mask():
             mask_logits = self.mask_predictor(self.mask_head(
@@ -219,16 +269,8 @@ class CascadeRoIHeads(PresetRoIHeads):
         return result, {}
 
     def detections(self, boxes, scores):
-        """One image's final boxes (N,4) and class probabilities (N,C) -> torchvision's per-class
-        detections: background dropped, score threshold, tiny boxes removed, class-wise NMS, top-k
-        (RoIHeads.postprocess_detections, which wants per-class deltas to decode)."""
+        """One image's final boxes (N,4) and class probabilities (N,C) -> per-class detections
+        (select_detections with the class-agnostic box for every class)."""
         n, c = scores.shape
-        labels = torch.arange(1, c, device=scores.device).repeat(n)
-        boxes = boxes[:, None].expand(n, c - 1, 4).reshape(-1, 4)
-        scores = scores[:, 1:].reshape(-1)
-        keep = torch.where(scores > self.score_thresh)[0]
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[:self.detections_per_img]
-        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        return select_detections(boxes[:, None].expand(n, c - 1, 4), scores[:, 1:], self.score_thresh,
+                                 self.nms_thresh, self.detections_per_img)

@@ -22,13 +22,14 @@ import numpy as np
 import evaluate
 import utils
 from dataset import CellDataset, DataError, TestDataset
-from predict import load_model, predict_dataset, predict_options, to_records
+from predict import load_ensemble, predict_dataset, to_records
 from utils import CheckpointError, apply_overrides, config_block, pick_device, save_json
 
 # ---- config: prediction (train.py's validation predicts with these too, but VAL_DETECTIONS_PER_IMAGE)
 SCORE_THRESHOLD = 0.05        # keep detections scoring at least this
 NMS_THRESHOLD = 0.5           # per-class box NMS IoU
-DETECTIONS_PER_IMAGE = 1000   # at most this many detections per image
+DETECTIONS_PER_IMAGE = 1000   # at most this many detections per image, shared out by class: each class keeps its
+                              # best min(100, limit / 4) whatever the others score (heads.class_budget)
 MASK_THRESHOLD = 0.5          # mask probability above which a pixel is foreground
 INPUT_SCALE = 0.0             # > 0: resize the input by this factor instead of the checkpoint's sizing rule (its
                               # SCALE, or MIN_SIZE/MAX_SIZE); 0 = as trained
@@ -37,8 +38,13 @@ TTA = "none"                  # test-time augmentation: none | flips | flips+sca
 TTA_SCALES = [0.8, 1.25]      # extra input scales of flips+scales, relative to the input scale
 TILE = True                   # split an image whose input would pass MAX_SIZE into overlapping tiles
 TILE_OVERLAP = 128            # tile overlap in image pixels: cells up to this size are whole in some tile
+RPN_PROPOSALS = 1000          # RPN proposals per image (or tile) at test time: the best N of each FPN level before
+                              # its NMS and the best N after (torchvision: 1000; bench.proposal_recall measures it)
+CASCADE_SCORE_STAGES = 3      # HEADS cascade: the score is the mean class probability of stages 1..N (3: all,
+                              # detectron2's; 2 leaves out the 0.7 stage, which calls a 0.5-0.7 IoU box background)
 # ---- config: what to run
-CHECKPOINT = ""               # '' = the newest runs/*/best.pt
+CHECKPOINT = ""               # '' = the newest runs/*/best.pt; a.pt,b.pt,...: an ensemble, each checkpoint rebuilt
+                              # from its own configuration, all detections (checkpoints x TTA passes) fused as TTA's
 DATA_DIR = ""                 # '' = the DATA_DIR the checkpoint was trained with
 OUTPUT_JSON = "test-results.json"  # the submission file (COCO RLE records)
 EVAL = False                  # true: score the checkpoint's val split instead of writing a submission
@@ -205,7 +211,8 @@ def print_metrics(metrics, n_images, n_detections):
 
 
 def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
-    """--eval / --sweep (and their --overlay): one pass of the model over the checkpoint's val split."""
+    """--eval / --sweep (and their --overlay): one pass of the model (or ensemble: lists of models and opts)
+    over the (first) checkpoint's val split."""
     if not ckpt.get("val_ids"):
         raise SystemExit(f"{checkpoint} has no validation split to evaluate (trained with VAL_FRACTION 0)")
     dataset = CellDataset(data_dir, ckpt["val_ids"], train=False)
@@ -265,28 +272,45 @@ def predict_test_set(cfg, model, data_dir, device, opts):
     return cfg["OUTPUT_JSON"]
 
 
+def describe(checkpoint, ckpt, opts):
+    trained, (min_size, max_size, scale) = ckpt["config"], opts["sizing"]
+    return (f"checkpoint {checkpoint} (epoch {ckpt.get('epoch')}, backbone {trained['BACKBONE']})"
+            + (f", heads {trained['HEADS']}" if trained["HEADS"] != "standard" else "")
+            + (f", EMA weights (decay {trained['EMA']:g})" if ckpt.get("ema") is not None else "")
+            + "; input " + (f"x{scale:g}" if scale else f"MIN_SIZE {min_size}")
+            + f", at most {max_size} px a side" + (" (larger: tiles)" if opts["tile"] else "") + f", TTA {opts['tta']}")
+
+
+def check_ensemble_split(checkpoints, ckpts):
+    """--eval/--sweep of an ensemble score the first checkpoint's val split: no member may have trained on it."""
+    val = set(ckpts[0].get("val_ids") or [])
+    for checkpoint, ckpt in zip(checkpoints[1:], ckpts[1:]):
+        seen = val & set(ckpt.get("train_ids") or [])
+        if seen:
+            raise SystemExit(f"{checkpoint} trained on {len(seen)} image(s) of {checkpoints[0]}'s val split "
+                             f"(e.g. {sorted(seen)[0]}): the ensemble's val score would be inflated. Ensemble "
+                             "checkpoints of one split (train.py SPLIT_SEED) to evaluate, or write the submission")
+
+
 def main(argv=None):
     cfg, _ = apply_overrides(globals(), CONFIG, argv, description=__doc__,
                              renamed={"--scale": "use --input-scale (train.py's SCALE is the training sizing factor)"})
     device = pick_device(cfg["DEVICE"])
-    checkpoint = cfg["CHECKPOINT"] or newest_checkpoint()
+    checkpoints = [c.strip() for c in str(cfg["CHECKPOINT"]).split(",") if c.strip()] or [newest_checkpoint()]
     settings = {name: cfg[name] for name in PREDICTION}
-    model, ckpt = load_model(checkpoint, device, settings)
     try:
-        opts = predict_options(ckpt["config"], settings)
+        models, opts, ckpts = load_ensemble(checkpoints, device, settings)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    data_dir = cfg["DATA_DIR"] or ckpt["config"]["DATA_DIR"]
-    min_size, max_size, scale = opts["sizing"]
-    trained = ckpt["config"]
-    print(f"checkpoint {checkpoint} (epoch {ckpt.get('epoch')}, backbone {trained['BACKBONE']})"
-          + (f", heads {trained['HEADS']}" if trained["HEADS"] != "standard" else "")
-          + (f", EMA weights (decay {trained['EMA']:g})" if ckpt.get("ema") is not None else "")
-          + f", data {data_dir}, device {device}; input " + (f"x{scale:g}" if scale else f"MIN_SIZE {min_size}")
-          + f", at most {max_size} px a side" + (" (larger: tiles)" if opts["tile"] else "") + f", TTA {opts['tta']}")
+    data_dir = cfg["DATA_DIR"] or ckpts[0]["config"]["DATA_DIR"]
+    for checkpoint, ckpt, o in zip(checkpoints, ckpts, opts):
+        print(describe(checkpoint, ckpt, o))
+    print(f"data {data_dir}, device {device}" + (f"; an ensemble of {len(models)} checkpoints, detections fused"
+                                                  if len(models) > 1 else ""))
     if cfg["EVAL"] or cfg["SWEEP"]:
-        return run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts)
-    return predict_test_set(cfg, model, data_dir, device, opts)
+        check_ensemble_split(checkpoints, ckpts)
+        return run_on_val(cfg, models, ckpts[0], checkpoints[0], data_dir, device, opts)
+    return predict_test_set(cfg, models, data_dir, device, opts)
 
 
 if __name__ == "__main__":

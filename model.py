@@ -31,6 +31,7 @@ ANCHOR_SIZES = ((4, 8), (16, 32), (32, 64), (64, 128), (128, 256))  # one pair p
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 COCO_FPN_CHANNELS = 256  # the width of torchvision's COCO model
 HEAD_CLASSES = {"standard": PresetRoIHeads, "cascade": CascadeRoIHeads}  # HEADS -> the RoI heads class (heads.py)
+FPN_BN_MIN_BATCH = 8  # COCO start: the FPN's BatchNorm stays live only from this many images per process a step
 REPRESENTATION_SIZE = 1024  # the box head's output features (torchvision's TwoMLPHead and the COCO head)
 
 
@@ -377,8 +378,10 @@ def build_model(cfg, load_pretrained=True):
         model.pretrained_report = load_coco_weights(model, *coco_state_dict(cfg))
         if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun
             print(f"{COCO_MODEL}: {model.pretrained_report}")
-    if coco and freeze_bn_setting(cfg)[0]:  # the ResNet body only, where torchvision's v1 builder freezes it
+    if coco and freeze_bn_setting(cfg)[0]:  # the ResNet body, where torchvision's v1 builder freezes it, and ...
         model.backbone.body = freeze_batchnorm(model.backbone.body)
+        if cfg.get("BATCH_SIZE", 1) < FPN_BN_MIN_BATCH:  # ... v2's FPN BatchNorm, which would learn from one image
+            model.backbone.fpn = freeze_batchnorm(model.backbone.fpn)
     if cfg["HEADS"] not in HEAD_CLASSES:
         raise ValueError(f"HEADS={cfg['HEADS']!r}: choose one of {', '.join(HEAD_CLASSES)}")
     options = {"preset": cfg["LOSSES"]}
@@ -389,11 +392,21 @@ def build_model(cfg, load_pretrained=True):
 
 
 def set_thresholds(model, settings):
-    """The RoI heads' score threshold, per-class NMS IoU and detections per image, from prediction settings
-    (a dict of infer.py's SCORE_THRESHOLD, NMS_THRESHOLD, DETECTIONS_PER_IMAGE)."""
+    """The test-time budgets and thresholds from prediction settings (a dict of infer.py's constants):
+    the RPN's proposals (RPN_PROPOSALS), the RoI heads' score threshold, per-class NMS IoU, detections per
+    image and, for the cascade, how many stages score (CASCADE_SCORE_STAGES)."""
+    if settings["RPN_PROPOSALS"] < 1:
+        raise ValueError(f"RPN_PROPOSALS {settings['RPN_PROPOSALS']}: at least 1")
+    # torchvision's RPN keeps its budgets in these dicts and has no setter for them
+    model.rpn._pre_nms_top_n["testing"] = model.rpn._post_nms_top_n["testing"] = int(settings["RPN_PROPOSALS"])
     model.roi_heads.score_thresh = settings["SCORE_THRESHOLD"]
     model.roi_heads.nms_thresh = settings["NMS_THRESHOLD"]
     model.roi_heads.detections_per_img = settings["DETECTIONS_PER_IMAGE"]
+    if hasattr(model.roi_heads, "score_stages"):
+        stages = len(model.roi_heads.box_heads)
+        if not 1 <= settings["CASCADE_SCORE_STAGES"] <= stages:
+            raise ValueError(f"CASCADE_SCORE_STAGES {settings['CASCADE_SCORE_STAGES']}: 1 to {stages}")
+        model.roi_heads.score_stages = int(settings["CASCADE_SCORE_STAGES"])
     return model
 
 
@@ -407,6 +420,9 @@ def load_weights(model, ckpt, path="checkpoint", averaged=False):
     if cls is not None and cls.shape[0] != NUM_CLASSES + 1:
         raise CheckpointError(f"{path} predicts {cls.shape[0] - 1} classes, this model {NUM_CLASSES}: "
                               "it was not trained for HW3's four cell classes")
+    own = model.state_dict()
+    # a run whose BatchNorm was live saved batch counters that frozen BatchNorm (FPN_BN_MIN_BATCH) has no use for
+    state = {k: v for k, v in state.items() if k in own or not k.endswith("num_batches_tracked")}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

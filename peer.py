@@ -45,6 +45,7 @@ STOCK_WEIGHTS = losses.preset_weights("stock")  # torchvision's five terms, each
 # What ablate.py --peer tries (each with the run's budget), choosing on the validation split: the references'
 # SGD at its scaled rate and 4x and 8x it, and AdamW around the rate a from-scratch user would try first.
 GRID = [("sgd", 0.00125), ("sgd", 0.005), ("sgd", 0.01), ("adamw", 1e-4), ("adamw", 2e-4), ("adamw", 4e-4)]
+OPTIMIZERS = ("sgd", "adamw")
 REFERENCE = dict(lr_per_16_images=0.02, momentum=0.9, weight_decay=1e-4, lr_steps=(16, 22), epochs=26,
                  lr_gamma=0.1, warmup_factor=1e-3, warmup_iters=1000)
 

@@ -2,6 +2,7 @@
 
 Library code that infer.py's command line, train.py's validation and ablate.py call:
     load_model(checkpoint, device, settings)    the trained model, rebuilt from its checkpoint alone
+    load_ensemble(checkpoints, device, settings) several, each rebuilt from its own checkpoint, with its opts
     predict_options(trained_cfg, settings)      how to predict (sizing rule of the run, tiles, TTA, NMS, limits)
     predict_dataset(model, dataset, ...)        [(image id, (H, W), detections)] of a CellDataset / TestDataset
     to_records(raw, mask_threshold)             -> COCO records (bbox, score, category, compressed RLE)
@@ -24,6 +25,7 @@ from torchvision.ops import batched_nms, box_iou
 from tqdm import tqdm
 
 from dataset import collate, resize_factor, resize_image
+from heads import class_budget
 from model import build_model, load_weights, set_thresholds
 from utils import load_checkpoint
 
@@ -36,6 +38,18 @@ def load_model(checkpoint, device, settings):
     load_weights(model, ckpt, checkpoint, averaged=True)  # a run with EMA: its averaged weights
     set_thresholds(model, settings)
     return model.to(device).eval(), ckpt
+
+
+def load_ensemble(checkpoints, device, settings):
+    """Models of one or more checkpoints (which may differ in backbone, heads and input size), each rebuilt
+    from its own configuration and predicting with its own sizing rule: ([model], [opts], [checkpoint dict])."""
+    models, opts, ckpts = [], [], []
+    for checkpoint in checkpoints:
+        model, ckpt = load_model(checkpoint, device, settings)
+        models.append(model)
+        opts.append(predict_options(ckpt["config"], settings))
+        ckpts.append(ckpt)
+    return models, opts, ckpts
 
 
 def paste_in_box(mask, box, im_h, im_w, threshold):
@@ -146,7 +160,8 @@ def tile_cores(starts, tile):
 def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit):
     """Overlapping tiles of tile x tile image pixels, each resized by `factor`. A detection is kept by
     the tile that owns its box centre, so a cell up to `overlap` px wide comes from a tile that holds it
-    whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice."""
+    whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice, and the
+    limit is shared out by class as in the RoI heads (heads.class_budget)."""
     overlap = min(overlap, tile // 2)
     ys, xs = tile_starts(image.shape[-2], tile, overlap), tile_starts(image.shape[-1], tile, overlap)
     parts = []
@@ -158,8 +173,8 @@ def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit):
             cy = (out["boxes"][:, 1] + out["boxes"][:, 3]) / 2
             parts.append(_select(out, (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)))
     out = _cat(parts)
-    keep = batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)[:limit]
-    return _select(out, keep)
+    keep = batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)
+    return _select(out, keep[class_budget(out["scores"][keep], out["labels"][keep], limit)])
 
 
 def predict_image(model, image, opts, scale_mult=1.0):
@@ -220,7 +235,8 @@ def fuse_detections(outputs, iou_threshold, limit):
     out = _cat(outputs)
     if len(out["boxes"]) == 0:
         return out
-    keep = batched_nms(out["boxes"], out["scores"], out["labels"], iou_threshold)[:limit]
+    keep = batched_nms(out["boxes"], out["scores"], out["labels"], iou_threshold)
+    keep = keep[class_budget(out["scores"][keep], out["labels"][keep], limit)]
     iou = torch.nan_to_num(box_iou(out["boxes"][keep], out["boxes"]), nan=0.0)
     iou[out["labels"][keep][:, None] != out["labels"][None]] = -1.0
     iou[torch.arange(len(keep)), keep] = 2.0  # a representative is its own member, also a zero-area one
@@ -239,12 +255,24 @@ def fuse_detections(outputs, iou_threshold, limit):
             "mask_probs": masks[order, None]}
 
 
+def tta_outputs(model, image, opts):
+    """The detections of each test-time pass of opts['tta'] over one image, unfused."""
+    h, w = image.shape[-2:]
+    return [unflip(predict_image(model, image.flip(dims) if dims else image, opts, mult), dims, h, w)
+            for dims, mult in tta_passes(opts["tta"], opts["tta_scales"])]
+
+
+def predict_members(members, image):
+    """Detections of one image by [(model, opts)]: one checkpoint, or several (an ensemble, infer.py
+    --checkpoint a.pt,b.pt), each with its own sizing and TTA; all passes (checkpoints x TTA) fused once."""
+    outs = [out for model, opts in members for out in tta_outputs(model, image, opts)]
+    opts = members[0][1]
+    return outs[0] if len(outs) == 1 else fuse_detections(outs, opts["nms"], opts["limit"])
+
+
 def predict_tta(model, image, opts):
     """Detections of one image with the test-time augmentation of opts['tta'] (passes fused)."""
-    h, w = image.shape[-2:]
-    outs = [unflip(predict_image(model, image.flip(dims) if dims else image, opts, mult), dims, h, w)
-            for dims, mult in tta_passes(opts["tta"], opts["tta_scales"])]
-    return outs[0] if len(outs) == 1 else fuse_detections(outs, opts["nms"], opts["limit"])
+    return predict_members([(model, opts)], image)
 
 
 def predict_options(trained, settings):
@@ -263,12 +291,15 @@ def image_id(meta):
 
 @torch.no_grad()
 def predict_dataset(model, dataset, device, opts, num_workers=0, desc="predict"):
-    """The model over a dataset, one image at a time in order: [(image id, (H, W), detections)]."""
-    model.eval()
+    """The model over a dataset, one image at a time in order: [(image id, (H, W), detections)].
+    model and opts may be lists of the same length: an ensemble, whose detections are fused (predict_members)."""
+    members = list(zip(model, opts)) if isinstance(model, (list, tuple)) else [(model, opts)]
+    for m, _ in members:
+        m.eval()
     raw = []
     for images, metas in tqdm(in_order_loader(dataset, num_workers), desc=desc, leave=False, dynamic_ncols=True):
         for image, meta in zip(images, metas):
-            raw.append((image_id(meta), tuple(image.shape[-2:]), predict_tta(model, image.to(device), opts)))
+            raw.append((image_id(meta), tuple(image.shape[-2:]), predict_members(members, image.to(device))))
     return raw
 
 

@@ -9,7 +9,6 @@ import pytest
 import ablate
 import engine
 import infer
-import peer
 import predict
 import train
 from bench.realistic_data import make_realistic_data
@@ -91,19 +90,23 @@ def test_ablate_each_lever_alone_against_the_base(real_small, tmp_path, monkeypa
     assert len(calls) == 4 and all(0.0 <= r["ap50"] <= 1.0 for r in rows)
 
 
-def test_ablate_time_budget_seeds_and_the_peer_tuned_on_val(real_small, tmp_path, monkeypatch):
-    monkeypatch.setattr(peer, "GRID", [("sgd", 0.00125), ("adamw", 1e-3)])
+def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small, tmp_path):
     out = tmp_path / "abl"
+    grid = [("sgd", 0.00125), ("adamw", 1e-3)]
     rows = ablate.main(["--data-dir", str(real_small), "--out", str(out), "--peer", "--peer-backbone", "resnet18",
+                        "--peer-grid", "sgd:0.00125,adamw:1e-3", "--ensemble",
                         "--seeds", "2", "--minutes", "0.005", "--"] + tiny_args(EPOCHS=5, SEED=7, **SHARED))
-    assert [(r["label"], r["seed"]) for r in rows] == [("base", 7), ("base", 8), ("peer (tuned)", 7), ("peer (tuned)", 8)]
+    assert [(r["label"], r["seed"]) for r in rows] == [("base", 7), ("base", 8), ("base + next seed", 7),
+                                                       ("base + next seed", 8), ("peer (tuned)", 7), ("peer (tuned)", 8)]
+    # an ensemble row: the two seeds' checkpoints fused; its cost is both runs'
+    assert rows[2]["steps"] == rows[0]["steps"] + rows[1]["steps"] == rows[3]["steps"]
     runs = {seed: load_checkpoint(out / f"base,seed={seed}" / "last.pt") for seed in (7, 8)}
     for ckpt in runs.values():
         assert ckpt["epoch"] == 1 < 5 and ckpt["state"]["train_seconds"] >= 0.3  # stopped by the budget, mid-epoch
     assert runs[7]["config"]["SEED"] == 7 and runs[8]["config"]["SEED"] == 8
     assert runs[7]["val_ids"] == runs[8]["val_ids"]  # the seeds share one split
     # the grid trained with the first seed; the best final val AP50 picked the setting, never the test images
-    grid = {(o, lr): load_checkpoint(out / "peer" / f"{o}-{lr:g}" / "last.pt") for o, lr in peer.GRID}
+    grid = {(o, lr): load_checkpoint(out / "peer" / f"{o}-{lr:g}" / "last.pt") for o, lr in grid}
     val = {k: c["state"]["history"][-1]["val_ap50"] for k, c in grid.items()}
     chosen = max(val, key=val.get)
     assert (out / "peer" / f"{chosen[0]}-{chosen[1]:g}" / "score.json").is_file()
@@ -115,6 +118,9 @@ def test_ablate_time_budget_seeds_and_the_peer_tuned_on_val(real_small, tmp_path
     md = (out / "ablation.md").read_text()
     assert "or 0.005 min of training per run" in md and "seeds 7, 8" in md and "| chosen |" in md
     assert md.count("| base |") == 1 and "| peer (tuned) |" in md  # one line per configuration
+    assert md.count("| base + next seed |") == 1
+    with pytest.raises(SystemExit, match="--peer-grid 'lamb:1e-3'"):
+        ablate.main(["--data-dir", str(real_small), "--out", str(out), "--peer-grid", "lamb:1e-3"])
 
 
 def test_seeds_aggregate_to_mean_and_spread_and_the_ratio_pairs_seeds():

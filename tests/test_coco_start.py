@@ -15,7 +15,7 @@ from torchvision.ops import FrozenBatchNorm2d
 import infer
 import predict
 from conftest import TINY
-from model import COCO_MODEL, PretrainedWeightsError, build_model, set_thresholds
+from model import COCO_MODEL, FPN_BN_MIN_BATCH, PretrainedWeightsError, build_model, load_weights, set_thresholds
 
 LIMIT_20 = infer.prediction_settings(DETECTIONS_PER_IMAGE=20)
 COCO = dict(TINY, BACKBONE=COCO_MODEL, FPN_CHANNELS=256, ROI_BATCH_SIZE=32, FREEZE_BN="auto")
@@ -92,12 +92,29 @@ def _bn(module):
     return (any(isinstance(m, FrozenBatchNorm2d) for m in mods), any(isinstance(m, torch.nn.BatchNorm2d) for m in mods))
 
 
-def test_freeze_bn_freezes_the_resnet_body_only_and_a_random_start_loads_nothing(coco_model):
+def test_freeze_bn_freezes_the_resnet_body_and_the_fpn_at_a_small_batch(coco_file, coco_model):
+    """At batch 1 the FPN's BatchNorm would learn from one image a step and predict with running averages:
+    frozen with the body, at the file's statistics. The RoI heads' BatchNorm sees hundreds of RoIs: live."""
     assert _bn(coco_model.backbone.body) == (True, False)
-    for head in (coco_model.backbone.fpn, coco_model.roi_heads.box_head, coco_model.roi_heads.mask_head):
+    assert _bn(coco_model.backbone.fpn) == (True, False)
+    fpn_bn = [k for k in coco_file[1] if k.startswith("backbone.fpn.") and k.endswith("running_mean")]
+    assert fpn_bn and all(torch.equal(coco_model.state_dict()[k], coco_file[1][k]) for k in fpn_bn)
+    for head in (coco_model.roi_heads.box_head, coco_model.roi_heads.mask_head):
         assert _bn(head) == (False, True)  # hundreds of RoIs a step: their statistics learn
+    big_batch = build_model(dict(COCO, PRETRAINED_WEIGHTS=str(coco_file[0]), BATCH_SIZE=FPN_BN_MIN_BATCH))
+    assert _bn(big_batch.backbone.fpn) == (False, True) and _bn(big_batch.backbone.body) == (True, False)
     scratch = build_model(dict(COCO, PRETRAINED=False))
     assert scratch.pretrained_report is None and _bn(scratch) == (False, True)
+
+
+def test_a_checkpoint_trained_with_a_live_fpn_batchnorm_loads_into_the_frozen_one(coco_file, coco_model):
+    live = build_model(dict(COCO, PRETRAINED_WEIGHTS=str(coco_file[0]), BATCH_SIZE=FPN_BN_MIN_BATCH))
+    ckpt = {"model": live.state_dict(), "config": dict(COCO, BATCH_SIZE=FPN_BN_MIN_BATCH)}
+    assert any(k.startswith("backbone.fpn.") and k.endswith("num_batches_tracked") for k in ckpt["model"])
+    frozen = build_model(dict(COCO, PRETRAINED=False, FREEZE_BN=True), load_pretrained=False)
+    load_weights(frozen, ckpt)
+    assert torch.equal(frozen.state_dict()["backbone.fpn.inner_blocks.0.1.running_mean"],
+                       ckpt["model"]["backbone.fpn.inner_blocks.0.1.running_mean"])
 
 
 def test_a_wrong_coco_file_is_refused(coco_file, tmp_path):

@@ -304,3 +304,30 @@ def test_run_killed_mid_epoch_resumes_to_the_uninterrupted_result(trained_run, t
     assert resumed["epoch"] == 2
     for key in ("train_loss", "loss_mask", "val_loss", "val_ap50", "val_ap", "lr"):
         assert resumed["state"]["history"][1][key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-7), key
+
+
+def test_infer_fuses_an_ensemble_of_checkpoints(trained_run, demo_dir, tmp_path, capsys):
+    """--checkpoint a.pt,b.pt: each rebuilt from its own configuration (here b at another input size),
+    their detections fused; the same checkpoint twice scores as itself; --eval refuses a member that
+    trained on the val split it would be scored on."""
+    run_dir, _ = trained_run
+    best = run_dir / "best.pt"
+    ckpt = load_checkpoint(best)
+    other = tmp_path / "bigger.pt"
+    torch.save({**ckpt, "config": dict(ckpt["config"], MIN_SIZE=128, MAX_SIZE=200)}, other)
+    args = ["--num-workers", "0", "--detections-per-image", "50"]
+    single = infer.main(["--checkpoint", str(best), "--eval"] + args)
+    twice = infer.main(["--checkpoint", f"{best},{best}", "--eval"] + args)
+    assert twice["ap50"] == pytest.approx(single["ap50"], abs=1e-3)
+    mixed = infer.main(["--checkpoint", f"{best},{other}", "--eval"] + args)
+    out = capsys.readouterr().out
+    assert "MIN_SIZE 128" in out and "an ensemble of 2 checkpoints" in out
+    assert 0.0 <= mixed["ap50"] <= 1.0
+    sub = tmp_path / "sub.json"
+    infer.main(["--checkpoint", f"{best},{other}", "--data-dir", str(demo_dir), "--output-json", str(sub)] + args)
+    table = json.loads((demo_dir / "test_image_name_to_ids.json").read_text())
+    assert infer.check_submission(json.loads(sub.read_text()), table)
+    leaky = tmp_path / "leaky.pt"
+    torch.save({**ckpt, "train_ids": ckpt["train_ids"] + ckpt["val_ids"][:1]}, leaky)
+    with pytest.raises(SystemExit, match="trained on 1 image"):
+        infer.main(["--checkpoint", f"{best},{leaky}", "--eval"] + args)

@@ -1,0 +1,106 @@
+"""The detection budget per class (heads.class_budget): the metric counts 100 detections per image AND class,
+so a dominant class must not crowd a rare one out, in the RoI heads, the tiles and the TTA fusion alike."""
+import torch
+from torchvision.models.detection.roi_heads import RoIHeads
+
+import infer
+import predict
+from conftest import TINY
+from heads import class_budget, select_detections
+from model import build_model, set_thresholds
+
+
+def crowded(n_major=600, n_rare=40):
+    """Scores of a dense image: class 2 with n_major detections all above class 3's n_rare."""
+    scores = torch.cat([0.5 + 0.5 * torch.rand(n_major), 0.1 + 0.3 * torch.rand(n_rare)])
+    labels = torch.cat([torch.full((n_major,), 2), torch.full((n_rare,), 3)])
+    return scores, labels
+
+
+def test_a_rare_class_keeps_its_detections_when_a_dominant_class_fills_the_limit():
+    scores, labels = crowded()
+    global_topk = scores.argsort(descending=True)[:200]
+    assert (labels[global_topk] == 3).sum() == 0  # torchvision's global top-k: the rare class is gone
+    keep = class_budget(scores, labels, limit=200)
+    assert len(keep) == 200 and len(set(keep.tolist())) == 200
+    assert (labels[keep] == 3).sum() == 40  # every rare detection (under its reserve of 100)
+    assert (labels[keep] == 2).sum() == 160  # the rest of the limit: the best of class 2
+    assert torch.equal(scores[keep], scores[keep].sort(descending=True).values)  # highest score first
+    major = scores[labels == 2].sort(descending=True).values[:160]
+    assert torch.equal(scores[keep][labels[keep] == 2], major)
+
+
+def test_the_reserve_is_the_metrics_100_and_shrinks_to_fit_a_small_limit():
+    scores, labels = crowded(n_major=600, n_rare=300)  # both classes over 100
+    keep = class_budget(scores, labels, limit=1000)
+    assert len(keep) == 900  # under the limit: everything, in score order
+    keep = class_budget(scores, labels, limit=250)
+    assert (labels[keep] == 3).sum() == 100 and (labels[keep] == 2).sum() == 150
+    keep = class_budget(scores, labels, limit=50)  # 50 // 2 classes = 25 each
+    assert (labels[keep] == 3).sum() == 25 and (labels[keep] == 2).sum() == 25
+
+
+def test_under_the_limit_nothing_changes():
+    scores, labels = crowded(50, 10)
+    assert torch.equal(class_budget(scores, labels, 1000), scores.argsort(descending=True, stable=True))
+
+
+def test_the_heads_post_processing_is_torchvisions_where_the_budget_does_not_bind():
+    torch.manual_seed(0)
+    heads = build_model(TINY).roi_heads
+    heads.score_thresh, heads.nms_thresh, heads.detections_per_img = 0.05, 0.5, 10**5
+    proposals = [torch.rand(300, 2) * 100 + torch.tensor([[0.0, 0.0]])]
+    proposals = [torch.cat([proposals[0], proposals[0] + 5 + torch.rand(300, 2) * 30], 1)]
+    logits, deltas = torch.randn(300, 5) * 2, torch.randn(300, 20) * 0.1
+    ours = heads.postprocess_detections(logits, deltas, proposals, [(140, 140)])
+    stock = RoIHeads.postprocess_detections(heads, logits, deltas, proposals, [(140, 140)])
+    assert len(ours[0][0]) > 100
+    for a, b in zip(ours, stock):
+        assert torch.equal(a[0], b[0])
+
+
+def test_the_model_keeps_every_class_within_the_metrics_count():
+    """A model whose class 2 outscores class 4 everywhere still returns class 4's best detections."""
+    torch.manual_seed(0)
+    model = set_thresholds(build_model(TINY), infer.prediction_settings(DETECTIONS_PER_IMAGE=40, SCORE_THRESHOLD=0.0))
+    model.eval()
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.bias[:] = torch.tensor([0.0, -5, 5, -5, -1])
+        out = model([torch.rand(3, 96, 128)])[0]
+    assert len(out["labels"]) == 40
+    assert (out["labels"] == 4).sum() >= 10 and (out["labels"] == 2).sum() >= 10  # 40 // 4 each at least
+
+
+def test_select_detections_labels_are_the_class_columns():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60]])[:, None].expand(2, 4, 4)
+    probs = torch.tensor([[0.1, 0.7, 0.0, 0.0], [0.0, 0.0, 0.2, 0.6]])
+    out = select_detections(boxes, probs, 0.05, 0.5, 10)
+    assert out["labels"].tolist() == [2, 4, 3, 1] and torch.allclose(out["scores"], torch.tensor([0.7, 0.6, 0.2, 0.1]))
+
+
+def detections(scores, labels):
+    n = len(scores)
+    i = torch.arange(n, dtype=torch.float32)
+    xy = torch.stack([i % 9, i // 9], 1) * 22  # on a grid, apart: nothing suppressed
+    return {"boxes": torch.cat([xy, xy + 10], 1), "scores": scores, "labels": labels,
+            "mask_probs": torch.ones(n, 1, 28, 28)}
+
+
+def test_tta_fusion_shares_the_limit_out_by_class():
+    scores, labels = crowded(300, 30)
+    fused = predict.fuse_detections([detections(scores, labels)], 0.5, limit=100)
+    assert len(fused["labels"]) == 100 and (fused["labels"] == 3).sum() == 30
+
+
+class Crowd(torch.nn.Module):
+    """Each tile: 60 class-2 detections above 5 class-3 ones, all apart, inside 200 x 200 px."""
+
+    def forward(self, images):
+        scores, labels = crowded(60, 5)
+        return [detections(scores, labels)]
+
+
+def test_tiles_share_the_limit_out_by_class():
+    image = torch.zeros(3, 400, 400)
+    out = predict.predict_tiled(Crowd(), image, 1.0, tile=200, overlap=0, nms_threshold=0.5, limit=60)
+    assert len(out["labels"]) == 60 and (out["labels"] == 3).sum() > 0
