@@ -56,6 +56,7 @@ from utils import (CheckpointError, _parse_bool, atomic_write, load_checkpoint, 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
+SCORING = 2  # what a cached score-*.json means; 2: detection budget per class, cascade sampled as detectron2
 SCORE_FIELDS = ["ap50", "ap50_share", "ap50_maxdets1000", "ap", "ap50_class1", "ap50_class2", "ap50_class3",
                 "ap50_class4", "steps", "train_seconds", "epochs"]
 TABLE_FIELDS = [("AP50", "ap50"), ("of ceiling", "ap50_share"), ("AP50 (1000 dets)", "ap50_maxdets1000"),
@@ -256,6 +257,8 @@ def parse_args(argv):
     ap.add_argument("--minutes", type=float, default=0.0, help="training minutes per run (MAX_MINUTES)")
     args = ap.parse_args(own)
     args.peer_grid = parse_peer_grid(args.peer_grid) if args.peer_grid else list(peer.GRID)
+    if args.ensemble and args.seeds < 2:
+        raise SystemExit("--ensemble fuses the checkpoints of two seeds: give --seeds 2 or more")
     if args.seeds < 1:
         raise SystemExit("--seeds: at least 1")
     args.own = own
@@ -327,11 +330,12 @@ def parse_peer_grid(text):
     return grid
 
 
-def run_ensembles(label, runs, infer_grid, inference, data_dir, device, coco_gt):
+def run_ensembles(assignment, runs, infer_grid, inference, data_dir, device, coco_gt):
     """--ensemble: the runs [(run folder, seed)] of one configuration; seed i's best.pt fused with seed i+1's
-    (the last with the first), scored as one more row per seed ('<label> + next seed')."""
-    out = []
-    for i, (run_dir, seed) in enumerate(runs):
+    (the last with the first; with two seeds the one pair), scored as one more row per pair ('<label> + next
+    seed')."""
+    out, label = [], run_name(assignment)
+    for i, (run_dir, seed) in enumerate(runs[:1] if len(runs) == 2 else runs):
         partner = runs[(i + 1) % len(runs)][0]
         for inf in infer_grid:
             path = Path(run_dir) / f"score-ensemble-{run_name(inf)}.json"
@@ -340,7 +344,8 @@ def run_ensembles(label, runs, infer_grid, inference, data_dir, device, coco_gt)
                 save_json(score_ours([run_dir, partner], data_dir, {n: typed(n, v, inference[n]) for n, v in inf},
                                      device, coco_gt), path)
             out.append({"label": f"{label if not inf else label + ' / ' + run_name(inf)} + next seed", "seed": seed,
-                        "run_dir": run_dir, **{n.lower(): v for n, v in inf}, **json.loads(path.read_text())})
+                        "run_dir": run_dir, **{n.lower(): v for n, v in assignment}, **{n.lower(): v for n, v in inf},
+                        **json.loads(path.read_text())})
     return out
 
 
@@ -388,7 +393,8 @@ def main(argv=None):
     device = pick_device(cfg["DEVICE"])
     seeds = [cfg["SEED"] + i for i in range(args.seeds)]
     train_grid, infer_grid = grids(varied, training, inference, args.each)
-    check_settings(out, {"data_dir": str(data_dir), "minutes": args.minutes, "shared": shared, "seeds": args.seeds})
+    check_settings(out, {"data_dir": str(data_dir), "minutes": args.minutes, "shared": shared, "seeds": args.seeds,
+                         "scoring": SCORING})
     t_start, rows, grid = time.time(), [], []
     names = [n for n, _ in varied]
     for i, assignment in enumerate(train_grid, start=1):
@@ -400,7 +406,7 @@ def main(argv=None):
             runs.append((new[0]["run_dir"], seed))
             write_outputs(out, rows, names, "")
         if args.ensemble and len(seeds) > 1:
-            rows += run_ensembles(run_name(assignment), runs, infer_grid, inference, data_dir, device, coco_gt)
+            rows += run_ensembles(assignment, runs, infer_grid, inference, data_dir, device, coco_gt)
             write_outputs(out, rows, names, "")
     if args.peer:
         peer_rows, grid = run_peer(out, cfg, args, seeds, data_dir, device, coco_gt)

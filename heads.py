@@ -2,7 +2,7 @@
 
     PresetRoIHeads   HEADS = "standard": torchvision's RoIHeads (one box head, IoU 0.5), whose training
                      forward computes the LOSSES preset's terms (losses.box_losses, losses.mask_losses);
-                     inference is torchvision's own.
+                     inference is torchvision's but for the detection budget per class (class_budget).
     CascadeRoIHeads  HEADS = "cascade": Cascade R-CNN's three box stages (Cai & Vasconcelos 2018)
 
 Both are built once, by model.build_model, from the parts of the torchvision RoIHeads that MaskRCNN made
@@ -12,8 +12,8 @@ The cascade:
     proposals -> stage 1 (IoU 0.5) -> refined boxes -> stage 2 (IoU 0.6) -> stage 3 (IoU 0.7) -> boxes
                  each stage: RoIAlign (shared) -> its own box head -> class scores + class-agnostic deltas
 
-torchvision has no cascade; this follows mmdetection's CascadeRoIHead (which re-samples per stage)
-and detectron2's CascadeROIHeads (stage box coders, the inference score):
+torchvision has no cascade; this follows detectron2's CascadeROIHeads (sampling, stage box coders, the
+inference score, the mask head's RoIs):
 - Training (detectron2's CascadeROIHeads): stage 1 matches the RPN proposals plus the cells (added as
   boxes, once) at IoU 0.5 and samples ROI_BATCH_SIZE RoIs (25% cells), as the standard head does. Each
   stage's class-agnostic deltas, encoded with its own box-coder weights (10,10,5,5 / 20,20,10,10 /
@@ -93,9 +93,9 @@ def reset_parameters(module):
 
 class PresetRoIHeads(RoIHeads):
     """torchvision's RoIHeads whose training forward computes the LOSSES preset's box and mask terms.
-    Sampling (torchvision's select_training_samples), the layers, inference and the state_dict keys are
-    torchvision's, so checkpoints load under any preset. With `stock` the terms equal torchvision's
-    fastrcnn_loss and maskrcnn_loss."""
+    Sampling (torchvision's select_training_samples), the layers, inference (but the detection budget per
+    class, postprocess_detections) and the state_dict keys are torchvision's, so checkpoints load under any
+    preset. With `stock` the terms equal torchvision's fastrcnn_loss and maskrcnn_loss."""
 
     def __init__(self, *args, preset="stock", **kwargs):
         super().__init__(*args, **kwargs)
@@ -203,7 +203,7 @@ class CascadeRoIHeads(PresetRoIHeads):
         for b, t in zip(boxes, targets):
             gt = t["boxes"].to(b.dtype)
             cand = torch.cat([b, gt]) if s == 0 else b
-            if len(gt) == 0:  # a negative image: every RoI is background
+            if len(gt) == 0 or len(cand) == 0:  # a negative image (or no box left): every RoI is background
                 matched = torch.zeros(len(cand), dtype=torch.int64, device=b.device)
                 labels = torch.zeros_like(matched)
                 gt = torch.zeros((1, 4), dtype=b.dtype, device=b.device)

@@ -29,7 +29,7 @@ from utils import CheckpointError, apply_overrides, config_block, pick_device, s
 SCORE_THRESHOLD = 0.05        # keep detections scoring at least this
 NMS_THRESHOLD = 0.5           # per-class box NMS IoU
 DETECTIONS_PER_IMAGE = 1000   # at most this many detections per image, shared out by class: each class keeps its
-                              # best min(100, limit / 4) whatever the others score (heads.class_budget)
+                              # best min(100, limit / classes found) whatever the others score (heads.class_budget)
 MASK_THRESHOLD = 0.5          # mask probability above which a pixel is foreground
 INPUT_SCALE = 0.0             # > 0: resize the input by this factor instead of the checkpoint's sizing rule (its
                               # SCALE, or MIN_SIZE/MAX_SIZE); 0 = as trained
@@ -227,7 +227,9 @@ def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
     print("  " + evaluate.format_ceiling(limit, metrics["ap50"]))
     if limit["capped"]:
         print("  most capped: " + ", ".join(f"{dataset.ids[i]} class {k}: {n} cells" for i, k, n in limit["capped"][:5]))
-    out_dir = Path(checkpoint).parent
+    # an ensemble's sweep.csv and overlays go to <first run>/ensemble/, not over that run's own
+    out_dir = Path(checkpoint).parent / ("ensemble" if isinstance(model, list) and len(model) > 1 else "")
+    out_dir.mkdir(parents=True, exist_ok=True)
     if cfg["SWEEP"]:
         table = sweep(raw, coco_gt, sorted({*SWEEP_MASK_THRESHOLDS, cfg["MASK_THRESHOLD"]}),
                       sorted({*SWEEP_SCORE_THRESHOLDS, cfg["SCORE_THRESHOLD"]}))

@@ -83,6 +83,15 @@ def freeze_bn_setting(cfg):
                    "BatchNorms would silence every residual branch)")
 
 
+def freeze_fpn_bn_setting(cfg):
+    """FREEZE_FPN_BN (the COCO start's FPN BatchNorm) resolved: 'auto' (or absent) freezes it where FREEZE_BN
+    freezes the body and fewer than FPN_BN_MIN_BATCH images a step reach each process; true/false force it."""
+    setting = parse_freeze_bn(cfg.get("FREEZE_FPN_BN", "auto"))
+    if setting != "auto":
+        return setting
+    return bool(freeze_bn_setting(cfg)[0] and cfg.get("BATCH_SIZE", 1) < FPN_BN_MIN_BATCH)
+
+
 class PretrainedWeightsError(RuntimeError):
     pass
 
@@ -380,8 +389,8 @@ def build_model(cfg, load_pretrained=True):
             print(f"{COCO_MODEL}: {model.pretrained_report}")
     if coco and freeze_bn_setting(cfg)[0]:  # the ResNet body, where torchvision's v1 builder freezes it, and ...
         model.backbone.body = freeze_batchnorm(model.backbone.body)
-        if cfg.get("BATCH_SIZE", 1) < FPN_BN_MIN_BATCH:  # ... v2's FPN BatchNorm, which would learn from one image
-            model.backbone.fpn = freeze_batchnorm(model.backbone.fpn)
+    if coco and freeze_fpn_bn_setting(cfg):  # v2's FPN BatchNorm, which at batch 1 would learn from one image
+        model.backbone.fpn = freeze_batchnorm(model.backbone.fpn)
     if cfg["HEADS"] not in HEAD_CLASSES:
         raise ValueError(f"HEADS={cfg['HEADS']!r}: choose one of {', '.join(HEAD_CLASSES)}")
     options = {"preset": cfg["LOSSES"]}

@@ -26,8 +26,8 @@ import infer
 import losses
 from dataset import (CellDataset, DataError, check_jitter, check_train_data, collate, list_train_ids, make_demo_data,
                      split_ids)
-from model import (COCO_MODEL, HEAD_CLASSES, PretrainedWeightsError, build_model, freeze_bn_setting, load_weights,
-                   parse_freeze_bn, set_thresholds)
+from model import (COCO_MODEL, HEAD_CLASSES, PretrainedWeightsError, build_model, freeze_bn_setting,
+                   freeze_fpn_bn_setting, load_weights, parse_freeze_bn, set_thresholds)
 from predict import in_order_loader, predict_options
 from utils import (CheckpointError, apply_overrides, config_block, load_checkpoint, save_checkpoint,
                    save_figure, save_json, seed_everything, write_csv)
@@ -47,6 +47,8 @@ PRETRAINED = True             # true: ImageNet weights from timm's hub (COCO wei
 PRETRAINED_WEIGHTS = ""       # local weights file (.safetensors/.pth, e.g. Kaggle without internet); wins over the hub
 FREEZE_BN = "auto"            # auto: frozen where pretrained weights were loaded (batch 1 makes live statistics
                               # noise), live for a random backbone (frozen, it could never learn); true | false
+FREEZE_FPN_BN = "auto"        # COCO model (its FPN has BatchNorm): freeze that too; auto: where FREEZE_BN freezes and
+                              # BATCH_SIZE < 8 (one image's statistics a step are noise) | true | false
 FPN_CHANNELS = 256            # FPN and RoI-head width (256 for the COCO model)
 HEADS = "standard"            # standard: torchvision's box head | cascade: Cascade R-CNN's three stages (IoU
                               # 0.5/0.6/0.7, heads.py)
@@ -63,7 +65,7 @@ SCALE_JITTER = [1.0, 1.0]     # [lo, hi]: each training image resized by a rando
                               # rule's, then cropped to at most MAX_SIZE ([0.5, 2.0]: the 0.639 entry's); [1, 1] = off
 STAIN_AUG = 0.0               # probability of a stain jitter (HED colour space, dataset.HEDJitter) + brightness/contrast
 STAIN_STRENGTH = 0.05         # the jitter's strength s: each stain's concentration times [1-s, 1+s] plus [-s, s]
-                              # (optical density; 0.05 = Tellez et al.'s "HED-light")
+                              # (optical density, -ln; 0.05 moves the course sample's mean colour <= 20 grey levels)
 # ---- config: optimisation
 EPOCHS = 50                   # at most this many epochs (early stopping may end sooner)
 MAX_MINUTES = 0.0             # > 0: also stop when training steps (validation not counted) have taken this long,
@@ -155,13 +157,13 @@ def check_levers(cfg):
     if not 0 <= cfg["STAIN_AUG"] <= 1:
         raise SystemExit(f"--stain-aug {cfg['STAIN_AUG']}: a probability, 0 to 1")
     if not 0 <= cfg["STAIN_STRENGTH"] < 1:
-        raise SystemExit(f"--stain-strength {cfg['STAIN_STRENGTH']}: 0 (no jitter) to below 1 (0.05: HED-light)")
+        raise SystemExit(f"--stain-strength {cfg['STAIN_STRENGTH']}: 0 (no jitter) to below 1 (default 0.05)")
     if not 0 <= cfg["EMA"] < 1:
         raise SystemExit(f"--ema {cfg['EMA']}: a decay in [0, 1), e.g. 0.999 (0 = off)")
 
 
 def resolve_training_defaults(cfg, fresh=True, forced_now=False):
-    """FREEZE_BN and LR as the run will use them (in place): 'auto' follows whether the backbone starts
+    """FREEZE_BN, FREEZE_FPN_BN and LR as the run will use them (in place): 'auto' follows whether the backbone starts
     from pretrained weights. A new run that would freeze a random backbone's BatchNorm is refused, and so
     is resuming one (the old FREEZE_BN default did it) unless --freeze-bn is given now."""
     try:
@@ -179,6 +181,10 @@ def resolve_training_defaults(cfg, fresh=True, forced_now=False):
                          "default), which keeps every residual branch of timm's backbone at zero. Continue it "
                          "with --freeze-bn false (live BatchNorm from here on; the weights load either way), "
                          "or with --freeze-bn true to keep it as it was.")
+    try:
+        cfg["FREEZE_FPN_BN"] = freeze_fpn_bn_setting(cfg)  # after FREEZE_BN, which 'auto' follows
+    except ValueError as e:
+        raise SystemExit(f"--freeze-fpn-bn: {e}") from None
     if str(cfg["LR"]).strip().lower() == "auto":
         cfg["LR"] = AUTO_LR["pretrained" if pretrained else "scratch"]
     else:
@@ -296,7 +302,9 @@ def log_start(cfg, run, data, device, world, log):
         + (f"x{cfg['SCALE']:g} (random {int(cfg['MAX_SIZE'] / cfg['SCALE'])}-px crops of larger images)"
            if cfg["SCALE"] > 0 else f"MIN_SIZE {cfg['MIN_SIZE']}") + f", at most {cfg['MAX_SIZE']} px a side")
     start = "pretrained" if cfg["PRETRAINED"] or cfg["PRETRAINED_WEIGHTS"] else "scratch"
-    log(f"{freeze_bn_setting(cfg)[1]}; LR {cfg['LR']:g}"
+    log(f"{freeze_bn_setting(cfg)[1]}"
+        + (f"; FPN BatchNorm {'frozen' if cfg['FREEZE_FPN_BN'] else 'live'}" if cfg["BACKBONE"] == COCO_MODEL else "")
+        + f"; LR {cfg['LR']:g}"
         + (f" (LR auto's rate for a {'pretrained' if start == 'pretrained' else 'random'} backbone)"
            if cfg["LR"] == AUTO_LR[start] else ""))
     if len(data.val_set) and len(data.val_set) < cfg["MIN_VAL_IMAGES"]:

@@ -24,11 +24,12 @@ from utils import pick_device
 
 
 def inputs(image, sizing, tile_overlap):
-    """[(model input, (x0, y0) offset in the image, factor)] as predict.py cuts an image."""
+    """[(model input, (x0, y0) offset in the image, factor)] as predict.py cuts an image (infer.py TILE)."""
     min_size, max_size, scale = sizing
     h, w = image.shape[-2:]
     factor = resize_factor(h, w, min_size, max_size, scale, cap=False)
-    if max(h, w) * factor <= max_size * (1 + 1e-6):
+    if not infer.TILE or max(h, w) * factor <= max_size * (1 + 1e-6):
+        factor = min(factor, max_size / max(h, w))
         return [(resize_image(image, factor), (0, 0), factor)]
     tile = int(max_size / factor)
     overlap = min(tile_overlap, tile // 2)
@@ -67,7 +68,8 @@ def main(argv=None):
     gt = evaluate.test_ground_truth(args.data_dir)
     dataset = TestDataset(args.data_dir)
     cells = {rec["id"]: len(gt.getAnnIds(imgIds=[rec["id"]])) for rec in dataset.table}
-    densest = sorted(range(len(dataset)), key=lambda i: -cells[dataset.table[i]["id"]])[:args.images]
+    densest = [i for i in sorted(range(len(dataset)), key=lambda i: -cells[dataset.table[i]["id"]])[:args.images]
+               if cells[dataset.table[i]["id"]]]  # an image without cells has no recall
     hit, total, t0 = {b: 0 for b in budgets}, 0, time.time()
     print(f"{args.checkpoint}: backbone {cfg['BACKBONE']}, sizing MIN_SIZE {sizing[0]} / MAX_SIZE {sizing[1]} / "
           f"SCALE {sizing[2]:g}; recall at IoU {args.iou} of the {len(densest)} densest test images")

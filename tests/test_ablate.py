@@ -97,9 +97,9 @@ def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small
                         "--peer-grid", "sgd:0.00125,adamw:1e-3", "--ensemble",
                         "--seeds", "2", "--minutes", "0.005", "--"] + tiny_args(EPOCHS=5, SEED=7, **SHARED))
     assert [(r["label"], r["seed"]) for r in rows] == [("base", 7), ("base", 8), ("base + next seed", 7),
-                                                       ("base + next seed", 8), ("peer (tuned)", 7), ("peer (tuned)", 8)]
-    # an ensemble row: the two seeds' checkpoints fused; its cost is both runs'
-    assert rows[2]["steps"] == rows[0]["steps"] + rows[1]["steps"] == rows[3]["steps"]
+                                                       ("peer (tuned)", 7), ("peer (tuned)", 8)]
+    # the ensemble row (two seeds: their one pair): both seeds' checkpoints fused; its cost is both runs'
+    assert rows[2]["steps"] == rows[0]["steps"] + rows[1]["steps"]
     runs = {seed: load_checkpoint(out / f"base,seed={seed}" / "last.pt") for seed in (7, 8)}
     for ckpt in runs.values():
         assert ckpt["epoch"] == 1 < 5 and ckpt["state"]["train_seconds"] >= 0.3  # stopped by the budget, mid-epoch
@@ -121,6 +121,8 @@ def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small
     assert md.count("| base + next seed |") == 1
     with pytest.raises(SystemExit, match="--peer-grid 'lamb:1e-3'"):
         ablate.main(["--data-dir", str(real_small), "--out", str(out), "--peer-grid", "lamb:1e-3"])
+    with pytest.raises(SystemExit, match="--seeds 2 or more"):
+        ablate.main(["--data-dir", str(real_small), "--out", str(out), "--ensemble"])
 
 
 def test_seeds_aggregate_to_mean_and_spread_and_the_ratio_pairs_seeds():

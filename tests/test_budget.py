@@ -1,5 +1,6 @@
 """The detection budget per class (heads.class_budget): the metric counts 100 detections per image AND class,
 so a dominant class must not crowd a rare one out, in the RoI heads, the tiles and the TTA fusion alike."""
+import pytest
 import torch
 from torchvision.models.detection.roi_heads import RoIHeads
 
@@ -104,3 +105,23 @@ def test_tiles_share_the_limit_out_by_class():
     image = torch.zeros(3, 400, 400)
     out = predict.predict_tiled(Crowd(), image, 1.0, tile=200, overlap=0, nms_threshold=0.5, limit=60)
     assert len(out["labels"]) == 60 and (out["labels"] == 3).sum() > 0
+
+
+def test_where_every_class_reserve_is_inside_the_global_top_k_the_cut_is_torchvisions():
+    scores = torch.rand(500)
+    labels = torch.randint(1, 5, (500,))
+    scores[labels == 4] += 1.0  # class 4 first, then the rest mixed: every class's best 25 fall in the top 300
+    keep = class_budget(scores, labels, limit=300, reserve=25)
+    assert torch.equal(keep, scores.argsort(descending=True)[:300])
+
+
+def test_set_thresholds_sets_the_rpn_budget_and_the_cascade_scoring_stages():
+    model = set_thresholds(build_model(dict(TINY, HEADS="cascade")),
+                           infer.prediction_settings(RPN_PROPOSALS=2500, CASCADE_SCORE_STAGES=2))
+    assert model.rpn.pre_nms_top_n() == model.rpn.post_nms_top_n() == 2000  # training: torchvision's, unchanged
+    model.eval()
+    assert model.rpn.pre_nms_top_n() == 2500 and model.rpn.post_nms_top_n() == 2500
+    assert model.roi_heads.score_stages == 2
+    for bad in (dict(CASCADE_SCORE_STAGES=4), dict(CASCADE_SCORE_STAGES=0), dict(RPN_PROPOSALS=0)):
+        with pytest.raises(ValueError):
+            set_thresholds(model, infer.prediction_settings(**bad))

@@ -91,6 +91,15 @@ def test_later_stages_relabel_the_refined_boxes_without_adding_or_resampling(mon
         assert not given.requires_grad
 
 
+def test_a_stage_left_without_boxes_labels_nothing_and_does_not_crash():
+    """Stages 2-3 relabel only what they are given: an image whose refined boxes all came out empty (a bad
+    step) gets an empty, all-background stage instead of torchvision's Matcher error."""
+    heads = cascade_model().roi_heads
+    _, target = cells_image()
+    boxes, labels, matched, targets = heads.label_stage(1, [torch.zeros(0, 4)], [target])
+    assert len(boxes[0]) == len(labels[0]) == len(matched[0]) == len(targets[0]) == 0
+
+
 def dense_image(rows=28, cols=25, cell=16, pitch=20):
     """rows x cols = 700 square cells (classes 1-4) on a grid: the densest HW3 images hold 772."""
     y, x = torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij")

@@ -14,8 +14,10 @@ from torchvision.ops import FrozenBatchNorm2d
 
 import infer
 import predict
+import train
 from conftest import TINY
 from model import COCO_MODEL, FPN_BN_MIN_BATCH, PretrainedWeightsError, build_model, load_weights, set_thresholds
+from utils import CONFIG_BEFORE_IT_EXISTED
 
 LIMIT_20 = infer.prediction_settings(DETECTIONS_PER_IMAGE=20)
 COCO = dict(TINY, BACKBONE=COCO_MODEL, FPN_CHANNELS=256, ROI_BATCH_SIZE=32, FREEZE_BN="auto")
@@ -103,8 +105,20 @@ def test_freeze_bn_freezes_the_resnet_body_and_the_fpn_at_a_small_batch(coco_fil
         assert _bn(head) == (False, True)  # hundreds of RoIs a step: their statistics learn
     big_batch = build_model(dict(COCO, PRETRAINED_WEIGHTS=str(coco_file[0]), BATCH_SIZE=FPN_BN_MIN_BATCH))
     assert _bn(big_batch.backbone.fpn) == (False, True) and _bn(big_batch.backbone.body) == (True, False)
+    kept_live = build_model(dict(COCO, PRETRAINED_WEIGHTS=str(coco_file[0]), FREEZE_FPN_BN=False))
+    assert _bn(kept_live.backbone.fpn) == (False, True)
     scratch = build_model(dict(COCO, PRETRAINED=False))
     assert scratch.pretrained_report is None and _bn(scratch) == (False, True)
+
+
+def test_freeze_fpn_bn_resolves_once_and_an_old_run_keeps_its_live_fpn():
+    """train.py resolves FREEZE_FPN_BN into the run's configuration; a checkpoint from before it existed
+    reads as false (its FPN BatchNorm trained live), so its optimiser state and EMA still fit when resumed."""
+    cfg = dict(COCO, PRETRAINED_WEIGHTS="coco.pth", BATCH_SIZE=1, LR="auto", FREEZE_FPN_BN="auto")
+    assert train.resolve_training_defaults(dict(cfg))["FREEZE_FPN_BN"] is True
+    assert train.resolve_training_defaults(dict(cfg, BATCH_SIZE=8))["FREEZE_FPN_BN"] is False
+    assert train.resolve_training_defaults(dict(cfg, FREEZE_BN=False))["FREEZE_FPN_BN"] is False
+    assert CONFIG_BEFORE_IT_EXISTED["FREEZE_FPN_BN"] is False
 
 
 def test_a_checkpoint_trained_with_a_live_fpn_batchnorm_loads_into_the_frozen_one(coco_file, coco_model):

@@ -237,3 +237,9 @@ def test_default_stain_jitter_keeps_the_mean_colour_close():
     drawn = jitter.get_params()
     assert np.all(np.abs(drawn["scale"] - 1) <= s) and np.all(np.abs(drawn["shift"]) <= s)
     assert np.abs(jitter.apply(image.astype(np.uint8), **drawn).astype(int) - image).mean() > 0.5
+
+
+def test_stain_strength_reaches_the_jitter(sample_dir):
+    data = CellDataset(sample_dir, ["course-sample"], train=True, sizing=(256, 320, 0.0), stain=1.0, stain_strength=0.2)
+    found = [t for t in data.augment.transforms[4].transforms if isinstance(t, HEDJitter)]
+    assert len(found) == 1 and found[0].strength == 0.2
