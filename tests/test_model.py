@@ -51,6 +51,8 @@ def test_report_architecture():
     assert [f.shape[-1] for f in feats.values()] == [16, 8, 4, 2, 1]  # strides 4..64
     set_thresholds(model, infer.prediction_settings())  # the recipe's inference: infer.py's constants
     assert (model.roi_heads.score_thresh, model.roi_heads.nms_thresh, model.roi_heads.detections_per_img) == (0.05, 0.5, 1000)
+    model.eval()
+    assert model.rpn.pre_nms_top_n() == model.rpn.post_nms_top_n() == infer.RPN_PROPOSALS == 2000
 
 
 def test_images_are_normalised_exactly_once_with_the_backbone_stats():
