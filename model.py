@@ -430,8 +430,10 @@ def load_weights(model, ckpt, path="checkpoint", averaged=False):
         raise CheckpointError(f"{path} predicts {cls.shape[0] - 1} classes, this model {NUM_CLASSES}: "
                               "it was not trained for HW3's four cell classes")
     own = model.state_dict()
-    # a run whose BatchNorm was live saved batch counters that frozen BatchNorm (FPN_BN_MIN_BATCH) has no use for
-    state = {k: v for k, v in state.items() if k in own or not k.endswith("num_batches_tracked")}
+    # BatchNorm's batch counters, which only a live BatchNorm keeps, go with the model built, not with the run
+    # (a FREEZE_FPN_BN run predicted by a live-FPN rebuild, or the reverse): the statistics load either way
+    state = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked") and k not in state},
+             **{k: v for k, v in state.items() if k in own or not k.endswith("num_batches_tracked")}}
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -20,7 +20,7 @@ from model import COCO_MODEL, FPN_BN_MIN_BATCH, PretrainedWeightsError, build_mo
 from utils import CONFIG_BEFORE_IT_EXISTED
 
 LIMIT_20 = infer.prediction_settings(DETECTIONS_PER_IMAGE=20)
-COCO = dict(TINY, BACKBONE=COCO_MODEL, FPN_CHANNELS=256, ROI_BATCH_SIZE=32, FREEZE_BN="auto")
+COCO = dict(TINY, BACKBONE=COCO_MODEL, FPN_CHANNELS=256, ROI_BATCH_SIZE=32, FREEZE_BN="auto", FREEZE_FPN_BN="auto")
 RESET = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.",
          "rpn.head.cls_logits.", "rpn.head.bbox_pred.")
 
