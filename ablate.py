@@ -303,16 +303,23 @@ def run_ours(out, base, assignment, seed, seeds, infer_grid, inference, data_dir
     if pending:
         resume = ["--resume"] if (run_dir / "last.pt").exists() else []
         train.main(base + ["--run-dir", str(run_dir)] + flags(assignment) + seed_flags + resume)
+    return scored_rows([run_dir], label, seed, assignment, infer_grid, inference, data_dir, device, coco_gt,
+                       "score", f"{where}: {name}")
+
+
+def scored_rows(run_dirs, label, seed, assignment, infer_grid, inference, data_dir, device, coco_gt, prefix, where):
+    """A row per inference assignment for the checkpoints of run_dirs (one run, or an ensemble), each score
+    cached as <first run>/<prefix>-<inference>.json."""
     rows = []
     for inf in infer_grid:
-        path = run_dir / f"score-{run_name(inf)}.json"
+        path = Path(run_dirs[0]) / f"{prefix}-{run_name(inf)}.json"
         if not path.is_file():
-            print(f"[ablate] {where}: {name}: scoring {run_name(inf)} on the test images", flush=True)
-            save_json(score_ours([run_dir], data_dir, {n: typed(n, v, inference[n]) for n, v in inf}, device, coco_gt),
+            print(f"[ablate] {where}: scoring {run_name(inf)} on the test images", flush=True)
+            save_json(score_ours(run_dirs, data_dir, {n: typed(n, v, inference[n]) for n, v in inf}, device, coco_gt),
                       path)
-        rows.append({"label": label if not inf else f"{label} / {run_name(inf)}", "seed": seed, "run_dir": str(run_dir),
-                     **{n.lower(): v for n, v in assignment}, **{n.lower(): v for n, v in inf},
-                     **json.loads(path.read_text())})
+        rows.append({"label": label if not inf else f"{label} / {run_name(inf)}", "seed": seed,
+                     "run_dir": str(run_dirs[0]), **{n.lower(): v for n, v in assignment},
+                     **{n.lower(): v for n, v in inf}, **json.loads(path.read_text())})
     return rows
 
 
@@ -334,18 +341,11 @@ def run_ensembles(assignment, runs, infer_grid, inference, data_dir, device, coc
     """--ensemble: the runs [(run folder, seed)] of one configuration; seed i's best.pt fused with seed i+1's
     (the last with the first; with two seeds the one pair), scored as one more row per pair ('<label> + next
     seed')."""
-    out, label = [], run_name(assignment)
+    out = []
     for i, (run_dir, seed) in enumerate(runs[:1] if len(runs) == 2 else runs):
         partner = runs[(i + 1) % len(runs)][0]
-        for inf in infer_grid:
-            path = Path(run_dir) / f"score-ensemble-{run_name(inf)}.json"
-            if not path.is_file():
-                print(f"[ablate] ensemble {run_dir} + {partner}: scoring {run_name(inf)}", flush=True)
-                save_json(score_ours([run_dir, partner], data_dir, {n: typed(n, v, inference[n]) for n, v in inf},
-                                     device, coco_gt), path)
-            out.append({"label": f"{label if not inf else label + ' / ' + run_name(inf)} + next seed", "seed": seed,
-                        "run_dir": run_dir, **{n.lower(): v for n, v in assignment}, **{n.lower(): v for n, v in inf},
-                        **json.loads(path.read_text())})
+        out += scored_rows([run_dir, partner], f"{run_name(assignment)} + next seed", seed, assignment, infer_grid,
+                           inference, data_dir, device, coco_gt, "score-ensemble", f"ensemble {run_dir} + {partner}")
     return out
 
 
