@@ -12,7 +12,8 @@ or more seeds, and scores every run on the same held-out test images (DATA_DIR/t
 of its "run" section, or one of infer.py's prediction constants (SCORE_THRESHOLD, NMS_THRESHOLD, ...: these
 reuse the trained checkpoint). Everything after `--` goes to every train.py run.
 --each trains the levers one at a time against the shared configuration (a 'base' row, then one row per
-value: `--each --vary heads=cascade --vary ema=0.999`) instead of every combination.
+value: `--each --vary heads=cascade --vary ema=0.999`) instead of every combination; an inference value is then
+one more row on the base's checkpoints, and --ensemble fuses the base's seeds only.
 --seeds N trains every row with N seeds (SEED, SEED+1, ...: initialisation, data order and augmentation vary,
 the val split, SPLIT_SEED, stays) and reports mean +- sd of each score.
 --ensemble (with --seeds >= 2) adds a row per configuration: each seed's best.pt fused with the next seed's
@@ -266,15 +267,15 @@ def parse_args(argv):
 
 
 def grids(varied, training, inference, each):
-    """(training assignments, inference assignments): every combination, or with `each` the base and each
-    training value alone."""
+    """[(training assignment, its inference assignments)]: every combination, or with `each` the base and each
+    value alone: a training value scored with infer.py's defaults, an inference value on the base's checkpoint."""
     train_axes = [(n, v) for n, v in varied if n in training]
     infer_axes = [(n, v) for n, v in varied if n in inference]
     if each:
-        train_grid = [()] + [((n, v),) for n, vs in train_axes for v in vs]
-    else:
-        train_grid = list(itertools.product(*[[(n, v) for v in vs] for n, vs in train_axes]))
-    return train_grid, list(itertools.product(*[[(n, v) for v in vs] for n, vs in infer_axes]))
+        return [((), [()] + [((n, v),) for n, vs in infer_axes for v in vs])] + \
+            [(((n, v),), [()]) for n, vs in train_axes for v in vs]
+    infer_grid = list(itertools.product(*[[(n, v) for v in vs] for n, vs in infer_axes]))
+    return [(a, infer_grid) for a in itertools.product(*[[(n, v) for v in vs] for n, vs in train_axes])]
 
 
 def check_settings(out, settings):
@@ -392,21 +393,22 @@ def main(argv=None):
     coco_gt = evaluate.test_ground_truth(data_dir)
     device = pick_device(cfg["DEVICE"])
     seeds = [cfg["SEED"] + i for i in range(args.seeds)]
-    train_grid, infer_grid = grids(varied, training, inference, args.each)
+    grid_rows = grids(varied, training, inference, args.each)
     check_settings(out, {"data_dir": str(data_dir), "minutes": args.minutes, "shared": shared, "seeds": args.seeds,
                          "scoring": SCORING})
     t_start, rows, grid = time.time(), [], []
     names = [n for n, _ in varied]
-    for i, assignment in enumerate(train_grid, start=1):
+    for i, (assignment, infer_grid) in enumerate(grid_rows, start=1):
         runs = []
         for seed in seeds:
             new = run_ours(out, base, assignment, seed, seeds, infer_grid, inference, data_dir, device, coco_gt,
-                           f"run {i}/{len(train_grid)}, seed {seed}")
+                           f"run {i}/{len(grid_rows)}, seed {seed}")
             rows += new
             runs.append((new[0]["run_dir"], seed))
             write_outputs(out, rows, names, "")
-        if args.ensemble and len(seeds) > 1:
-            rows += run_ensembles(assignment, runs, infer_grid, inference, data_dir, device, coco_gt)
+        if args.ensemble and len(seeds) > 1 and not (args.each and assignment):  # --each: a lever on the base
+            rows += run_ensembles(assignment, runs, infer_grid[:1] if args.each else infer_grid, inference,
+                                  data_dir, device, coco_gt)
             write_outputs(out, rows, names, "")
     if args.peer:
         peer_rows, grid = run_peer(out, cfg, args, seeds, data_dir, device, coco_gt)

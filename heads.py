@@ -51,7 +51,8 @@ def class_budget(scores, labels, limit, reserve=METRIC_MAX_DETS):
     """Indices of at most `limit` detections, highest score first, shared out by class: each class keeps
     its best min(reserve, limit // classes present) whatever the others score (the metric counts 100 per
     image AND class, so a dominant class's 101st detection must not push out a rare class's first), and the
-    rest of the limit goes to the best of the remaining detections. torchvision cuts one global top-k."""
+    rest of the limit goes to the best of the remaining detections. reserve 0 is torchvision's one global
+    top-k (infer.py CLASS_RESERVE)."""
     order = scores.argsort(descending=True, stable=True)
     if len(order) <= limit:
         return order
@@ -67,7 +68,7 @@ def class_budget(scores, labels, limit, reserve=METRIC_MAX_DETS):
     return order[torch.cat([torch.where(reserved)[0], others]).sort().values]
 
 
-def select_detections(boxes, scores, score_thresh, nms_thresh, limit):
+def select_detections(boxes, scores, score_thresh, nms_thresh, limit, reserve=METRIC_MAX_DETS):
     """One image's candidate boxes (N, K, 4) and probabilities (N, K) of the K foreground classes (labels
     1..K) -> {boxes, scores, labels}: torchvision's postprocess_detections (score threshold, tiny boxes out,
     class-wise NMS), then class_budget in place of its global top-k."""
@@ -79,7 +80,7 @@ def select_detections(boxes, scores, score_thresh, nms_thresh, limit):
     keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)
-    keep = keep[class_budget(scores[keep], labels[keep], limit)]
+    keep = keep[class_budget(scores[keep], labels[keep], limit, reserve)]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
@@ -101,6 +102,7 @@ class PresetRoIHeads(RoIHeads):
         super().__init__(*args, **kwargs)
         self.classification = losses.classification(preset)  # refuses an unknown preset
         self.preset = preset
+        self.class_reserve = METRIC_MAX_DETS  # inference: detections each class keeps (class_budget)
 
     @classmethod
     def from_torchvision(cls, heads, **kwargs):
@@ -139,7 +141,7 @@ class PresetRoIHeads(RoIHeads):
         boxes = self.box_coder.decode(box_regression, proposals).split(counts)
         scores = F.softmax(class_logits, -1).split(counts)
         out = [select_detections(box_ops.clip_boxes_to_image(b, shape)[:, 1:], sc[:, 1:], self.score_thresh,
-                                 self.nms_thresh, self.detections_per_img)
+                                 self.nms_thresh, self.detections_per_img, self.class_reserve)
                for b, sc, shape in zip(boxes, scores, image_shapes)]
         return [o["boxes"] for o in out], [o["scores"] for o in out], [o["labels"] for o in out]
 
@@ -273,4 +275,4 @@ class CascadeRoIHeads(PresetRoIHeads):
         (select_detections with the class-agnostic box for every class)."""
         n, c = scores.shape
         return select_detections(boxes[:, None].expand(n, c - 1, 4), scores[:, 1:], self.score_thresh,
-                                 self.nms_thresh, self.detections_per_img)
+                                 self.nms_thresh, self.detections_per_img, self.class_reserve)

@@ -403,14 +403,17 @@ def build_model(cfg, load_pretrained=True):
 def set_thresholds(model, settings):
     """The test-time budgets and thresholds from prediction settings (a dict of infer.py's constants):
     the RPN's proposals (RPN_PROPOSALS), the RoI heads' score threshold, per-class NMS IoU, detections per
-    image and, for the cascade, how many stages score (CASCADE_SCORE_STAGES)."""
+    image and their reserve per class (CLASS_RESERVE) and, for the cascade, how many stages score (CASCADE_SCORE_STAGES)."""
     if settings["RPN_PROPOSALS"] < 1:
         raise ValueError(f"RPN_PROPOSALS {settings['RPN_PROPOSALS']}: at least 1")
+    if settings["CLASS_RESERVE"] < 0:
+        raise ValueError(f"CLASS_RESERVE {settings['CLASS_RESERVE']}: 0 (one global top-k) or more")
     # torchvision's RPN keeps its budgets in these dicts and has no setter for them
     model.rpn._pre_nms_top_n["testing"] = model.rpn._post_nms_top_n["testing"] = int(settings["RPN_PROPOSALS"])
     model.roi_heads.score_thresh = settings["SCORE_THRESHOLD"]
     model.roi_heads.nms_thresh = settings["NMS_THRESHOLD"]
     model.roi_heads.detections_per_img = settings["DETECTIONS_PER_IMAGE"]
+    model.roi_heads.class_reserve = int(settings["CLASS_RESERVE"])
     if hasattr(model.roi_heads, "score_stages"):
         stages = len(model.roi_heads.box_heads)
         if not 1 <= settings["CASCADE_SCORE_STAGES"] <= stages:

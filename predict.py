@@ -8,7 +8,7 @@ Library code that infer.py's command line, train.py's validation and ablate.py c
     to_records(raw, mask_threshold)             -> COCO records (bbox, score, category, compressed RLE)
 
 `settings` is a dict of infer.py's prediction constants (SCORE_THRESHOLD, NMS_THRESHOLD,
-DETECTIONS_PER_IMAGE, MASK_THRESHOLD, INPUT_SCALE, TTA, TTA_SCALES, TILE, TILE_OVERLAP).
+DETECTIONS_PER_IMAGE, CLASS_RESERVE, MASK_THRESHOLD, INPUT_SCALE, TTA, TTA_SCALES, TILE, TILE_OVERLAP).
 Each image is resized by the run's own sizing rule (dataset.resize_factor), tiled where the input would
 pass MAX_SIZE, optionally flipped/rescaled (TTA) and the passes fused; masks stay box-relative until
 each is pasted into its box region and encoded from there.
@@ -25,7 +25,7 @@ from torchvision.ops import batched_nms, box_iou
 from tqdm import tqdm
 
 from dataset import collate, resize_factor, resize_image
-from heads import class_budget
+from heads import METRIC_MAX_DETS, class_budget
 from model import build_model, load_weights, set_thresholds
 from utils import load_checkpoint
 
@@ -157,7 +157,7 @@ def tile_cores(starts, tile):
     return list(zip([-math.inf] + cuts, cuts + [math.inf]))
 
 
-def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit):
+def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, reserve=METRIC_MAX_DETS):
     """Overlapping tiles of tile x tile image pixels, each resized by `factor`. A detection is kept by
     the tile that owns its box centre, so a cell up to `overlap` px wide comes from a tile that holds it
     whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice, and the
@@ -174,7 +174,7 @@ def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit):
             parts.append(_select(out, (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)))
     out = _cat(parts)
     keep = batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)
-    return _select(out, keep[class_budget(out["scores"][keep], out["labels"][keep], limit)])
+    return _select(out, keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)])
 
 
 def predict_image(model, image, opts, scale_mult=1.0):
@@ -185,7 +185,8 @@ def predict_image(model, image, opts, scale_mult=1.0):
     h, w = image.shape[-2:]
     factor = resize_factor(h, w, min_size, max_size, scale, cap=False) * scale_mult
     if opts["tile"] and max(h, w) * factor > max_size * (1 + 1e-6):
-        return predict_tiled(model, image, factor, int(max_size / factor), opts["overlap"], opts["nms"], opts["limit"])
+        return predict_tiled(model, image, factor, int(max_size / factor), opts["overlap"], opts["nms"], opts["limit"],
+                             opts["reserve"])
     return forward_resized(model, image, min(factor, max_size / max(h, w)))
 
 
@@ -224,7 +225,7 @@ def resample_masks(probs, src_boxes, dst_boxes):
     return F.grid_sample(probs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
 
 
-def fuse_detections(outputs, iou_threshold, limit):
+def fuse_detections(outputs, iou_threshold, limit, reserve=METRIC_MAX_DETS):
     """Merge the detections of several passes (weighted box and mask fusion; torchvision has only NMS).
 
     A class-wise box NMS over all passes picks one representative per cell; every detection joins the
@@ -236,7 +237,7 @@ def fuse_detections(outputs, iou_threshold, limit):
     if len(out["boxes"]) == 0:
         return out
     keep = batched_nms(out["boxes"], out["scores"], out["labels"], iou_threshold)
-    keep = keep[class_budget(out["scores"][keep], out["labels"][keep], limit)]
+    keep = keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)]
     iou = torch.nan_to_num(box_iou(out["boxes"][keep], out["boxes"]), nan=0.0)
     iou[out["labels"][keep][:, None] != out["labels"][None]] = -1.0
     iou[torch.arange(len(keep)), keep] = 2.0  # a representative is its own member, also a zero-area one
@@ -267,7 +268,7 @@ def predict_members(members, image):
     --checkpoint a.pt,b.pt), each with its own sizing and TTA; all passes (checkpoints x TTA) fused once."""
     outs = [out for model, opts in members for out in tta_outputs(model, image, opts)]
     opts = members[0][1]
-    return outs[0] if len(outs) == 1 else fuse_detections(outs, opts["nms"], opts["limit"])
+    return outs[0] if len(outs) == 1 else fuse_detections(outs, opts["nms"], opts["limit"], opts["reserve"])
 
 
 def predict_tta(model, image, opts):
@@ -281,7 +282,8 @@ def predict_options(trained, settings):
     return {"sizing": (trained["MIN_SIZE"], trained["MAX_SIZE"], settings["INPUT_SCALE"] or trained["SCALE"]),
             "tta": settings["TTA"], "tta_scales": settings["TTA_SCALES"], "tile": settings["TILE"],
             "overlap": settings["TILE_OVERLAP"], "nms": settings["NMS_THRESHOLD"],
-            "limit": settings["DETECTIONS_PER_IMAGE"], "mask_threshold": settings["MASK_THRESHOLD"]}
+            "limit": settings["DETECTIONS_PER_IMAGE"], "reserve": settings["CLASS_RESERVE"],
+            "mask_threshold": settings["MASK_THRESHOLD"]}
 
 
 def image_id(meta):

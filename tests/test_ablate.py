@@ -81,13 +81,18 @@ def test_ablate_each_lever_alone_against_the_base(real_small, tmp_path, monkeypa
     monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or real_main(argv))
     out = tmp_path / "abl"
     rows = ablate.main(["--data-dir", str(real_small), "--out", str(out), "--each", "--vary", "heads=cascade",
-                        "--vary", "ema=0.9,0.99", "--"] + tiny_args(EPOCHS=1, **SHARED))
-    assert [r["label"] for r in rows] == ["base", "heads=cascade", "ema=0.9", "ema=0.99"]  # not the 2 combinations
-    configs = {r["label"]: load_checkpoint(out / r["label"] / "last.pt")["config"] for r in rows}
+                        "--vary", "ema=0.9,0.99", "--vary", "class-reserve=0", "--"] + tiny_args(EPOCHS=1, **SHARED))
+    # not the combinations: an inference lever scores the base's checkpoint only, a training lever trains once
+    assert [r["label"] for r in rows] == ["base", "base / class-reserve=0", "heads=cascade", "ema=0.9", "ema=0.99"]
+    assert rows[1]["run_dir"] == rows[0]["run_dir"] and rows[1]["class_reserve"] == "0"
+    assert all("class_reserve" not in r for r in rows[2:])
+    configs = {r["label"]: load_checkpoint(out / r["label"] / "last.pt")["config"] for r in rows if "/" not in r["label"]}
     assert (configs["base"]["HEADS"], configs["base"]["EMA"]) == ("standard", 0.0)
     assert (configs["heads=cascade"]["HEADS"], configs["heads=cascade"]["EMA"]) == ("cascade", 0.0)
     assert (configs["ema=0.99"]["HEADS"], configs["ema=0.99"]["EMA"]) == ("standard", 0.99)
     assert len(calls) == 4 and all(0.0 <= r["ap50"] <= 1.0 for r in rows)
+    md = (out / "ablation.md").read_text()
+    assert "| base / class-reserve=0 |" in md and "| heads=cascade |" in md
 
 
 def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small, tmp_path):

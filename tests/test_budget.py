@@ -60,16 +60,27 @@ def test_the_heads_post_processing_is_torchvisions_where_the_budget_does_not_bin
         assert torch.equal(a[0], b[0])
 
 
-def test_the_model_keeps_every_class_within_the_metrics_count():
-    """A model whose class 2 outscores class 4 everywhere still returns class 4's best detections."""
+def test_reserve_0_is_torchvisions_global_top_k():
+    scores, labels = crowded()
+    assert torch.equal(class_budget(scores, labels, limit=200, reserve=0), scores.argsort(descending=True)[:200])
+
+
+@pytest.mark.parametrize("reserve", [100, 0])
+def test_the_model_keeps_every_class_within_the_metrics_count(reserve):
+    """A model whose class 2 outscores class 4 everywhere still returns class 4's best detections; with
+    CLASS_RESERVE 0 it returns torchvision's global top-k, class 2 alone."""
     torch.manual_seed(0)
-    model = set_thresholds(build_model(TINY), infer.prediction_settings(DETECTIONS_PER_IMAGE=40, SCORE_THRESHOLD=0.0))
+    settings = infer.prediction_settings(DETECTIONS_PER_IMAGE=40, SCORE_THRESHOLD=0.0, CLASS_RESERVE=reserve)
+    model = set_thresholds(build_model(TINY), settings)
     model.eval()
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.bias[:] = torch.tensor([0.0, -5, 5, -5, -1])
         out = model([torch.rand(3, 96, 128)])[0]
     assert len(out["labels"]) == 40
-    assert (out["labels"] == 4).sum() >= 10 and (out["labels"] == 2).sum() >= 10  # 40 // 4 each at least
+    if reserve:
+        assert (out["labels"] == 4).sum() >= 10 and (out["labels"] == 2).sum() >= 10  # 40 // 4 each at least
+    else:
+        assert (out["labels"] == 2).all()
 
 
 def test_select_detections_labels_are_the_class_columns():
@@ -91,6 +102,8 @@ def test_tta_fusion_shares_the_limit_out_by_class():
     scores, labels = crowded(300, 30)
     fused = predict.fuse_detections([detections(scores, labels)], 0.5, limit=100)
     assert len(fused["labels"]) == 100 and (fused["labels"] == 3).sum() == 30
+    fused = predict.fuse_detections([detections(scores, labels)], 0.5, limit=100, reserve=0)
+    assert (fused["labels"] == 3).sum() == 0
 
 
 class Crowd(torch.nn.Module):
@@ -122,6 +135,7 @@ def test_set_thresholds_sets_the_rpn_budget_and_the_cascade_scoring_stages():
     model.eval()
     assert model.rpn.pre_nms_top_n() == 2500 and model.rpn.post_nms_top_n() == 2500
     assert model.roi_heads.score_stages == 2
-    for bad in (dict(CASCADE_SCORE_STAGES=4), dict(CASCADE_SCORE_STAGES=0), dict(RPN_PROPOSALS=0)):
+    for bad in (dict(CASCADE_SCORE_STAGES=4), dict(CASCADE_SCORE_STAGES=0), dict(RPN_PROPOSALS=0),
+                dict(CLASS_RESERVE=-1)):
         with pytest.raises(ValueError):
             set_thresholds(model, infer.prediction_settings(**bad))
