@@ -114,8 +114,8 @@ class PresetRoIHeads(RoIHeads):
                    heads.mask_roi_pool, heads.mask_head, heads.mask_predictor, **kwargs)
 
     def forward(self, features, proposals, image_shapes, targets=None):
-        if not self.training:
-            return super().forward(features, proposals, image_shapes)
+        if not self.training:  # torchvision's inference, in two steps that tiled prediction also calls apart
+            return self.add_masks(features, self.detect(features, proposals, image_shapes), image_shapes), {}
         self.check_targets(targets)
         for t in targets:  # the checks torchvision's RoIHeads.forward makes first
             if not t["boxes"].is_floating_point():
@@ -134,6 +134,24 @@ class PresetRoIHeads(RoIHeads):
         if self.has_mask():
             out.update(self.mask_training_losses(features, image_shapes, targets, proposals, labels, matched_idxs))
         return [], out
+
+    def detect(self, features, proposals, image_shapes):
+        """Inference without masks: [{boxes, scores, labels}] per image (the box head on the proposals, then
+        postprocess_detections)."""
+        class_logits, box_regression = self.box_predictor(self.box_head(
+            self.box_roi_pool(features, proposals, image_shapes)))
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        return [{"boxes": b, "scores": s, "labels": lab} for b, s, lab in zip(boxes, scores, labels)]
+
+    def add_masks(self, features, result, image_shapes):
+        """Each detection's mask probabilities for its class ('masks', N x 1 x 28 x 28, box-relative): the mask
+        head on the detections' boxes, as torchvision's RoIHeads does at inference."""
+        if self.has_mask():
+            mask_logits = self.mask_predictor(self.mask_head(
+                self.mask_roi_pool(features, [r["boxes"] for r in result], image_shapes)))
+            for r, m in zip(result, maskrcnn_inference(mask_logits, [r["labels"] for r in result])):
+                r["masks"] = m
+        return result
 
     def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
         """torchvision's, with the detection budget per class (select_detections)."""
@@ -238,37 +256,40 @@ class CascadeRoIHeads(PresetRoIHeads):
         return self.box_predictors[s](self.box_heads[s](x))
 
     def forward(self, features, proposals, image_shapes, targets=None):
-        if self.training:
-            self.check_targets(targets)
-        boxes, probs, stage_losses, first = proposals, [], [], None
+        if not self.training:  # detect (below), then the mask head on the final boxes
+            return super().forward(features, proposals, image_shapes)
+        self.check_targets(targets)
+        boxes, stage_losses, first = proposals, [], None
         for s in range(len(self.box_heads)):
-            if self.training:
-                boxes, labels, matched, regression_targets = self.label_stage(s, boxes, targets)
-                first = first or (boxes, labels, matched)  # the mask head's RoIs: stage 1's
+            boxes, labels, matched, regression_targets = self.label_stage(s, boxes, targets)
+            first = first or (boxes, labels, matched)  # the mask head's RoIs: stage 1's
             class_logits, deltas = self.run_stage(s, features, boxes, image_shapes)
-            refined = self.stage_coders[s].decode_single(deltas, torch.cat(boxes)).split([len(b) for b in boxes])
-            refined = [box_ops.clip_boxes_to_image(r, shape) for r, shape in zip(refined, image_shapes)]
-            if self.training:
-                stage_losses.append(self.stage_box_losses(s, class_logits, deltas, torch.cat(labels),
-                                                          torch.cat(regression_targets), torch.cat(boxes)))
-                # the next stage's input: this stage's refined RoIs, detached, without empty boxes (detectron2)
-                refined = [r.detach()[(r[:, 2] > r[:, 0]) & (r[:, 3] > r[:, 1])] for r in refined]
-            elif s < self.score_stages:
-                probs.append(F.softmax(class_logits, -1))
-            boxes = refined
-        if self.training:
-            result, out = [], self.combine_stage_losses(stage_losses)
-            if self.has_mask():
-                out.update(self.mask_training_losses(features, image_shapes, targets, *first))
-            return result, out
-        scores = torch.stack(probs).mean(0).split([len(b) for b in boxes])  # the scoring stages' mean probability
-        result = [self.detections(b, sc) for b, sc in zip(boxes, scores)]
+            stage_losses.append(self.stage_box_losses(s, class_logits, deltas, torch.cat(labels),
+                                                      torch.cat(regression_targets), torch.cat(boxes)))
+            # the next stage's input: this stage's refined RoIs, detached, without empty boxes (detectron2)
+            refined = self.refine(s, deltas, boxes, image_shapes)
+            boxes = [r.detach()[(r[:, 2] > r[:, 0]) & (r[:, 3] > r[:, 1])] for r in refined]
+        out = self.combine_stage_losses(stage_losses)
         if self.has_mask():
-            mask_logits = self.mask_predictor(self.mask_head(
-                self.mask_roi_pool(features, [r["boxes"] for r in result], image_shapes)))
-            for r, m in zip(result, maskrcnn_inference(mask_logits, [r["labels"] for r in result])):
-                r["masks"] = m
-        return result, {}
+            out.update(self.mask_training_losses(features, image_shapes, targets, *first))
+        return [], out
+
+    def refine(self, s, deltas, boxes, image_shapes):
+        """Stage s's boxes moved by its deltas (its own coder), clipped to each image."""
+        refined = self.stage_coders[s].decode_single(deltas, torch.cat(boxes)).split([len(b) for b in boxes])
+        return [box_ops.clip_boxes_to_image(r, shape) for r, shape in zip(refined, image_shapes)]
+
+    def detect(self, features, proposals, image_shapes):
+        """Inference without masks: the three stages in turn, scored by the mean class probability of the
+        first score_stages, boxed by the last stage's regression; [{boxes, scores, labels}] per image."""
+        boxes, probs = proposals, []
+        for s in range(len(self.box_heads)):
+            class_logits, deltas = self.run_stage(s, features, boxes, image_shapes)
+            if s < self.score_stages:
+                probs.append(F.softmax(class_logits, -1))
+            boxes = self.refine(s, deltas, boxes, image_shapes)
+        scores = torch.stack(probs).mean(0).split([len(b) for b in boxes])  # the scoring stages' mean probability
+        return [self.detections(b, sc) for b, sc in zip(boxes, scores)]
 
     def detections(self, boxes, scores):
         """One image's final boxes (N,4) and class probabilities (N,C) -> per-class detections

@@ -161,6 +161,30 @@ class BoxMaskTransform(GeneralizedRCNNTransform):
         return result
 
 
+class CellMaskRCNN(MaskRCNN):
+    """torchvision's MaskRCNN, whose inference can also run in two steps (torchvision's forward has no
+    boxes-only mode): detect() finds the boxes, segment() runs the mask head on chosen boxes. Tiled
+    prediction (predict.predict_tiled) finds every tile's boxes, keeps DETECTIONS_PER_IMAGE of them for the
+    whole image, and only then runs the mask head, on those alone."""
+
+    def features(self, images):
+        image_list, _ = self.transform(images)
+        return image_list, self.backbone(image_list.tensors)
+
+    def detect(self, images):
+        """[{boxes, scores, labels}] of each image (a list of CxHxW tensors at the input size), no masks."""
+        image_list, features = self.features(images)
+        proposals, _ = self.rpn(image_list, features)
+        return self.roi_heads.detect(features, proposals, image_list.image_sizes)
+
+    def segment(self, images, detections):
+        """The detections of each image ({boxes, labels}, in its input pixels) with their box-relative mask
+        probabilities ('mask_probs', N x 1 x 28 x 28), as the forward's."""
+        image_list, features = self.features(images)
+        result = self.roi_heads.add_masks(features, [dict(d) for d in detections], image_list.image_sizes)
+        return self.transform.postprocess(result, image_list.image_sizes, image_list.image_sizes)
+
+
 # ---- fp32 box geometry under autocast ----------------------------------------------------------
 # Under AMP the convolutions run in fp16/bf16, and torchvision lets box geometry follow them:
 # AnchorGenerator takes its dtype from the feature maps (bf16 anchors snap to 4-8 px steps near
@@ -349,7 +373,7 @@ def timm_parts(cfg, num_anchors, load_pretrained):
 def build_model(cfg, load_pretrained=True):
     """The Mask R-CNN of a run configuration (train.py's constants), built in this one place:
 
-        MaskRCNN (torchvision)
+        CellMaskRCNN (torchvision's MaskRCNN, + detect/segment: its inference in two steps)
           .transform   BoxMaskTransform: normalise with the backbone's mean/std, no resizing, box-relative masks
           .backbone    TimmFPN (timm features_only + FPN), or torchvision's ResNet-50 FPN for COCO_MODEL
           .rpn         torchvision's RPN with Float32AnchorGenerator (the report's anchors), Float32RPNHead,
@@ -370,7 +394,7 @@ def build_model(cfg, load_pretrained=True):
         data_cfg = {}  # ImageNet mean/std below: what torchvision's COCO weights expect
     else:
         backbone, parts, data_cfg = timm_parts(cfg, anchors.num_anchors_per_location()[0], load_pretrained)
-    model = MaskRCNN(
+    model = CellMaskRCNN(
         backbone, num_classes=None, rpn_anchor_generator=anchors,
         box_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=7, sampling_ratio=2),
         mask_roi_pool=MultiScaleRoIAlign(["0", "1", "2", "3"], output_size=14, sampling_ratio=4),

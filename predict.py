@@ -161,20 +161,48 @@ def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, res
     """Overlapping tiles of tile x tile image pixels, each resized by `factor`. A detection is kept by
     the tile that owns its box centre, so a cell up to `overlap` px wide comes from a tile that holds it
     whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice, and the
-    limit is shared out by class as in the RoI heads (heads.class_budget)."""
+    limit is shared out by class as in the RoI heads (heads.class_budget).
+
+    Boxes first, masks last: every tile's boxes (model.detect) are stitched and cut to the limit before each
+    tile runs the mask head (model.segment) on the detections it keeps. The mask head then sees about `limit`
+    boxes per image instead of up to `limit` per tile (its cost dominates at 1000 detections), for a second
+    pass of the backbone over the tiles that keep any; the masks are the same as in one pass."""
     overlap = min(overlap, tile // 2)
     ys, xs = tile_starts(image.shape[-2], tile, overlap), tile_starts(image.shape[-1], tile, overlap)
-    parts = []
+    crops, parts = [], []
     for y0, (ylo, yhi) in zip(ys, tile_cores(ys, tile)):
         for x0, (xlo, xhi) in zip(xs, tile_cores(xs, tile)):
-            out = forward_resized(model, image[:, y0:y0 + tile, x0:x0 + tile], factor)
-            out["boxes"] += torch.tensor([x0, y0, x0, y0], dtype=out["boxes"].dtype)
+            crop = image[:, y0:y0 + tile, x0:x0 + tile]
+            x = resize_image(crop, factor)
+            out = {k: v.detach().cpu() for k, v in model.detect([x])[0].items()}
+            out["input_boxes"], out["tile"] = out["boxes"].float(), torch.full_like(out["labels"], len(crops))
+            boxes = resize_boxes(out["input_boxes"], x.shape[-2:], crop.shape[-2:])
+            out["boxes"] = boxes + torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
+            out["scores"] = out["scores"].float()
             cx = (out["boxes"][:, 0] + out["boxes"][:, 2]) / 2
             cy = (out["boxes"][:, 1] + out["boxes"][:, 3]) / 2
-            parts.append(_select(out, (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)))
-    out = _cat(parts)
+            own = (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)
+            parts.append({k: v[own] for k, v in out.items()})
+            crops.append((y0, x0))
+    out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     keep = batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)
-    return _select(out, keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)])
+    out = {k: v[keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)]] for k, v in out.items()}
+    out["mask_probs"] = tile_masks(model, image, factor, tile, crops, out)
+    return {k: out[k] for k in FIELDS}
+
+
+def tile_masks(model, image, factor, tile, crops, out):
+    """The mask probabilities of the stitched detections `out`, each from the tile (crops[out['tile']], its
+    (y0, x0)) that found it, on its box in that tile's input (out['input_boxes'])."""
+    where, probs = [], []
+    for t in out["tile"].unique().tolist():
+        (y0, x0), mine = crops[t], torch.where(out["tile"] == t)[0]
+        x = resize_image(image[:, y0:y0 + tile, x0:x0 + tile], factor)
+        det = {"boxes": out["input_boxes"][mine].to(image.device), "labels": out["labels"][mine].to(image.device)}
+        where.append(mine)
+        probs.append(model.segment([x], [det])[0]["mask_probs"].detach().float().cpu())
+    # no detection at all: none of torchvision's 28 x 28 masks
+    return torch.cat(probs)[torch.cat(where).argsort()] if probs else torch.zeros(0, 1, 28, 28)
 
 
 def predict_image(model, image, opts, scale_mult=1.0):

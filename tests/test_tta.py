@@ -7,6 +7,9 @@ from torchvision.ops import box_iou, roi_align
 
 import infer
 import predict
+from bench.tiled_inference import one_pass_tiled
+from conftest import TINY
+from model import build_model, set_thresholds
 
 
 class BlobDetector(torch.nn.Module):
@@ -27,6 +30,13 @@ class BlobDetector(torch.nn.Module):
             scores = torch.tensor([0.5 + 0.4 * min((lab[s] > 0).sum() / 900, 1.0) for s in slices]).reshape(-1)
             outs.append({"boxes": boxes, "scores": scores.float(), "labels": labels, "mask_probs": probs})
         return outs
+
+    def detect(self, images):  # model.CellMaskRCNN's two steps, which tiled prediction calls
+        return [{k: v for k, v in out.items() if k != "mask_probs"} for out in self(images)]
+
+    def segment(self, images, detections):
+        return [dict(d, mask_probs=roi_align((im[0] > 0.5).float()[None, None], [d["boxes"]], 28, 1.0, 2, aligned=True))
+                for im, d in zip(images, detections)]
 
 
 def blob_image(rng, h, w, n, symmetric=False):
@@ -132,3 +142,28 @@ def test_resample_masks_is_identity_in_the_same_box():
     probs = torch.rand(5, 28, 28)
     boxes = torch.tensor([[0.0, 0, 10, 20], [3, 4, 50, 9], [1, 1, 2, 2], [0, 0, 28, 28], [5, 5, 6, 40]])
     assert torch.allclose(predict.resample_masks(probs, boxes, boxes), probs, atol=1e-5)
+
+
+def test_tiles_take_boxes_first_and_masks_last_with_the_masks_of_one_pass():
+    """predict_tiled runs the mask head only on the detections kept for the whole image; its detections and
+    masks are those of the one-pass way (the model's forward on every tile: masks for each tile's 40)."""
+    torch.manual_seed(0)
+    settings = infer.prediction_settings(DETECTIONS_PER_IMAGE=40, SCORE_THRESHOLD=0.0)
+    model = set_thresholds(build_model(TINY), settings).eval()
+    masked = []  # RoIs through the mask head
+    model.roi_heads.mask_head.register_forward_hook(lambda module, inputs, output: masked.append(len(output)))
+    image, tile, overlap = torch.rand(3, 150, 200), 96, 32
+    assert len(predict.tile_starts(150, tile, overlap)) * len(predict.tile_starts(200, tile, overlap)) == 6
+    with torch.no_grad():
+        ours = predict.predict_tiled(model, image, 1.0, tile, overlap, 0.5, limit=40)
+        assert sum(masked) == len(ours["boxes"]) == 40  # the mask head on the 40 kept ...
+        masked.clear()
+        one = one_pass_tiled(model, image, 1.0, tile, overlap, 0.5, limit=40, reserve=100)
+    assert sum(masked) > 40 * 4  # ... where one pass runs it on every tile's 40
+    for k in predict.FIELDS:
+        assert torch.allclose(ours[k].float(), one[k].float(), atol=1e-5), k
+
+
+def test_tiles_without_a_detection_give_none():
+    out = predict.predict_tiled(BlobDetector(), torch.zeros(3, 200, 200), 1.0, 96, 32, 0.5, limit=40)
+    assert len(out["boxes"]) == 0 and out["mask_probs"].shape == (0, 1, 28, 28)

@@ -1,0 +1,105 @@
+"""Tiled inference: boxes first, masks last (predict.predict_tiled) against the one-pass way (the model's own
+forward on every tile, masks for each tile's DETECTIONS_PER_IMAGE, then the core filter and the budget).
+
+    python -m bench.tiled_inference --checkpoint runs/x/best.pt --data-dir data/realistic
+    python -m bench.tiled_inference --checkpoint runs/x/best.pt --data-dir data/realistic --images 3 --input-scale 1
+
+For each of the --images densest test images that the checkpoint's sizing rule tiles (DATA_DIR/test_gt_coco.json,
+as bench/realistic_data.py writes it): seconds of each way, the boxes the mask head ran on, and whether the two
+give the same detections and masks. infer.py's prediction constants (DETECTIONS_PER_IMAGE, RPN_PROPOSALS, ...)
+as they stand. Prints the device and, last, the ratio of the one-pass time to ours.
+"""
+import argparse
+import time
+
+import torch
+
+import evaluate
+import infer
+import predict
+from dataset import TestDataset, resize_factor
+from heads import class_budget
+from utils import pick_device
+
+
+def one_pass_tiled(model, image, factor, tile, overlap, nms_threshold, limit, reserve):
+    """predict_tiled's detections the one-pass way: every tile through the model's forward (masks for all its
+    detections), then the same core filter, NMS and budget."""
+    overlap = min(overlap, tile // 2)
+    ys, xs = predict.tile_starts(image.shape[-2], tile, overlap), predict.tile_starts(image.shape[-1], tile, overlap)
+    parts = []
+    for y0, (ylo, yhi) in zip(ys, predict.tile_cores(ys, tile)):
+        for x0, (xlo, xhi) in zip(xs, predict.tile_cores(xs, tile)):
+            out = predict.forward_resized(model, image[:, y0:y0 + tile, x0:x0 + tile], factor)
+            out["boxes"] += torch.tensor([x0, y0, x0, y0], dtype=out["boxes"].dtype)
+            c = (out["boxes"][:, :2] + out["boxes"][:, 2:]) / 2
+            parts.append(predict._select(out, (c[:, 0] >= xlo) & (c[:, 0] < xhi) & (c[:, 1] >= ylo) & (c[:, 1] < yhi)))
+    out = predict._cat(parts)
+    keep = predict.batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)
+    return predict._select(out, keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)])
+
+
+def tiling(image, opts):
+    """(factor, tile) as predict_image tiles the image, or None where it does not."""
+    min_size, max_size, scale = opts["sizing"]
+    h, w = image.shape[-2:]
+    factor = resize_factor(h, w, min_size, max_size, scale, cap=False)
+    return (factor, int(max_size / factor)) if max(h, w) * factor > max_size * (1 + 1e-6) else None
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+@torch.no_grad()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--data-dir", required=True, help="a dataset with test_gt_coco.json")
+    ap.add_argument("--images", type=int, default=2, help="the densest N test images that are tiled")
+    ap.add_argument("--input-scale", type=float, default=0.0, help="infer.py INPUT_SCALE (0: as trained)")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    device = pick_device(args.device)
+    settings = infer.prediction_settings(INPUT_SCALE=args.input_scale)
+    model, ckpt = predict.load_model(args.checkpoint, device, settings)
+    opts = predict.predict_options(ckpt["config"], settings)
+    coco_gt = evaluate.test_ground_truth(args.data_dir)
+    dataset = TestDataset(args.data_dir)
+    cells = {i: len(coco_gt.getAnnIds(imgIds=[i])) for i in coco_gt.getImgIds()}
+    items = [dataset[k] for k in range(len(dataset))]
+    items = sorted([(img, meta) for img, meta in items if tiling(img, opts)], key=lambda x: -cells[x[1]["id"]])
+    masked = []  # RoIs through the mask head
+    model.roi_heads.mask_head.register_forward_hook(lambda module, inputs, output: masked.append(len(output)))
+    total_ours = total_one = 0.0
+    for image, meta in items[:args.images]:
+        image = image.to(device)
+        factor, tile = tiling(image, opts)
+        overlap = min(opts["overlap"], tile // 2)
+        tiles = len(predict.tile_starts(image.shape[-2], tile, overlap)) * len(predict.tile_starts(image.shape[-1], tile, overlap))
+        masked.clear()
+        ours, t_ours = timed(lambda: predict.predict_image(model, image, opts), device)
+        n_ours = sum(masked)
+        masked.clear()
+        one, t_one = timed(lambda: one_pass_tiled(model, image, factor, tile, opts["overlap"], opts["nms"],
+                                                  opts["limit"], opts["reserve"]), device)
+        same = len(ours["boxes"]) == len(one["boxes"]) and \
+            all(torch.allclose(ours[k].float(), one[k].float(), atol=1e-4) for k in predict.FIELDS)
+        print(f"image {meta['id']} ({image.shape[-2]}x{image.shape[-1]} px, {cells[meta['id']]} cells, {tiles} tiles): "
+              f"boxes first {t_ours:.1f} s (mask head on {n_ours} boxes), one pass {t_one:.1f} s (on {sum(masked)}); "
+              f"{len(ours['boxes'])} detections, the same: {same}", flush=True)
+        total_ours += t_ours
+        total_one += t_one
+    print(f"device {device} ({torch.get_num_threads()} threads), DETECTIONS_PER_IMAGE {opts['limit']}, "
+          f"RPN_PROPOSALS {settings['RPN_PROPOSALS']}")
+    print(f"one pass / boxes first: {total_one / max(total_ours, 1e-9):.2f}x ({total_one:.1f} s / {total_ours:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()
