@@ -16,8 +16,8 @@ value: `--each --vary heads=cascade --vary ema=0.999`) instead of every combinat
 one more row on the base's checkpoints, and --ensemble fuses the base's seeds only.
 --seeds N trains every row with N seeds (SEED, SEED+1, ...: initialisation, data order and augmentation vary,
 the val split, SPLIT_SEED, stays) and reports mean +- sd of each score.
---ensemble (with --seeds >= 2) adds a row per configuration: each seed's best.pt fused with the next seed's
-(infer.py --checkpoint a,b: detections fused as TTA's), its steps and seconds the two runs' sums.
+--ensemble (with --seeds >= 2) adds a row per configuration (with --each: for the base): each seed's best.pt fused
+with the next seed's (infer.py --checkpoint a,b: detections fused as TTA's), its steps and seconds the two runs' sums.
 --peer adds torchvision's stock Mask R-CNN (peer.py), tuned as a user would: each optimiser setting of
 peer.GRID (or --peer-grid) trains with the first seed and the same budget, the best final val AP50 picks one (the test images
 are never looked at for it), and that setting trains with every seed: the "peer (tuned)" row, and the ratio
@@ -245,8 +245,8 @@ def parse_args(argv):
     ap.add_argument("--data-dir", required=True, help="dataset in the HW3 layout with test_gt_coco.json")
     ap.add_argument("--out", required=True, help="folder of the run folders and the tables")
     ap.add_argument("--vary", action="append", default=[], metavar="NAME=v1,v2", help="repeatable")
-    ap.add_argument("--each", action="store_true", help="one training constant at a time against the shared "
-                    "configuration (the 'base' row), instead of every combination")
+    ap.add_argument("--each", action="store_true", help="one constant at a time against the shared configuration "
+                    "(the 'base' row), instead of every combination; a prediction constant on the base's checkpoints")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per row (SEED, SEED+1, ...; the split stays)")
     ap.add_argument("--ensemble", action="store_true", help="with --seeds >= 2: also each seed's checkpoint fused "
                     "with the next seed's (a two-checkpoint ensemble; its cost: both runs)")
@@ -394,6 +394,9 @@ def main(argv=None):
     device = pick_device(cfg["DEVICE"])
     seeds = [cfg["SEED"] + i for i in range(args.seeds)]
     grid_rows = grids(varied, training, inference, args.each)
+    if args.each and cfg["HEADS"] != "cascade" and "CASCADE_SCORE_STAGES" in dict(varied):
+        raise SystemExit("--each scores prediction constants on the base, whose HEADS is not cascade: "
+                         "CASCADE_SCORE_STAGES would change nothing; vary it without --each and with --heads cascade")
     check_settings(out, {"data_dir": str(data_dir), "minutes": args.minutes, "shared": shared, "seeds": args.seeds,
                          "scoring": SCORING})
     t_start, rows, grid = time.time(), [], []

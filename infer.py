@@ -29,9 +29,10 @@ from utils import CheckpointError, apply_overrides, config_block, pick_device, s
 SCORE_THRESHOLD = 0.05        # keep detections scoring at least this
 NMS_THRESHOLD = 0.5           # per-class box NMS IoU
 DETECTIONS_PER_IMAGE = 1000   # at most this many detections per image, shared out by class (CLASS_RESERVE)
-CLASS_RESERVE = 100           # each class keeps its best min(N, DETECTIONS_PER_IMAGE / classes found) whatever the
-                              # others score (100: the metric's per image and class; heads.class_budget); 0 =
-                              # torchvision's one global top-k, where a dominant class can crowd out a rare one
+CLASS_RESERVE = 100           # each class keeps its best min(CLASS_RESERVE, DETECTIONS_PER_IMAGE / classes found)
+                              # whatever the others score (100: what the metric counts per image and class;
+                              # heads.class_budget); 0 = torchvision's one global top-k, where a dominant class
+                              # can crowd a rare one out
 MASK_THRESHOLD = 0.5          # mask probability above which a pixel is foreground
 INPUT_SCALE = 0.0             # > 0: resize the input by this factor instead of the checkpoint's sizing rule (its
                               # SCALE, or MIN_SIZE/MAX_SIZE); 0 = as trained

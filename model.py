@@ -163,26 +163,24 @@ class BoxMaskTransform(GeneralizedRCNNTransform):
 
 class CellMaskRCNN(MaskRCNN):
     """torchvision's MaskRCNN, whose inference can also run in two steps (torchvision's forward has no
-    boxes-only mode): detect() finds the boxes, segment() runs the mask head on chosen boxes. Tiled
-    prediction (predict.predict_tiled) finds every tile's boxes, keeps DETECTIONS_PER_IMAGE of them for the
-    whole image, and only then runs the mask head, on those alone."""
-
-    def features(self, images):
-        image_list, _ = self.transform(images)
-        return image_list, self.backbone(image_list.tensors)
+    boxes-only mode): detect() finds the boxes and keeps the features, segment() runs the mask head on chosen
+    boxes over them. Tiled prediction (predict.predict_tiled) finds every tile's boxes, keeps
+    DETECTIONS_PER_IMAGE of them for the whole image, and only then runs the mask head, on those alone."""
 
     def detect(self, images):
-        """[{boxes, scores, labels}] of each image (a list of CxHxW tensors at the input size), no masks."""
-        image_list, features = self.features(images)
+        """([{boxes, scores, labels}] of each image (a list of CxHxW tensors at the input size), no masks;
+        the features and input sizes that segment() takes)."""
+        image_list, _ = self.transform(images)
+        features = self.backbone(image_list.tensors)
         proposals, _ = self.rpn(image_list, features)
-        return self.roi_heads.detect(features, proposals, image_list.image_sizes)
+        return self.roi_heads.detect(features, proposals, image_list.image_sizes), (features, image_list.image_sizes)
 
-    def segment(self, images, detections):
+    def segment(self, encoded, detections):
         """The detections of each image ({boxes, labels}, in its input pixels) with their box-relative mask
-        probabilities ('mask_probs', N x 1 x 28 x 28), as the forward's."""
-        image_list, features = self.features(images)
-        result = self.roi_heads.add_masks(features, [dict(d) for d in detections], image_list.image_sizes)
-        return self.transform.postprocess(result, image_list.image_sizes, image_list.image_sizes)
+        probabilities ('mask_probs', N x 1 x 28 x 28, as the forward's), from detect()'s features."""
+        features, sizes = encoded
+        result = self.roi_heads.add_masks(features, [dict(d) for d in detections], sizes)
+        return self.transform.postprocess(result, sizes, sizes)
 
 
 # ---- fp32 box geometry under autocast ----------------------------------------------------------

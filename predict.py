@@ -25,7 +25,7 @@ from torchvision.ops import batched_nms, box_iou
 from tqdm import tqdm
 
 from dataset import collate, resize_factor, resize_image
-from heads import METRIC_MAX_DETS, class_budget
+from heads import class_budget
 from model import build_model, load_weights, set_thresholds
 from utils import load_checkpoint
 
@@ -157,25 +157,27 @@ def tile_cores(starts, tile):
     return list(zip([-math.inf] + cuts, cuts + [math.inf]))
 
 
-def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, reserve=METRIC_MAX_DETS):
+def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, reserve):
     """Overlapping tiles of tile x tile image pixels, each resized by `factor`. A detection is kept by
     the tile that owns its box centre, so a cell up to `overlap` px wide comes from a tile that holds it
     whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice, and the
     limit is shared out by class as in the RoI heads (heads.class_budget).
 
-    Boxes first, masks last: every tile's boxes (model.detect) are stitched and cut to the limit before each
-    tile runs the mask head (model.segment) on the detections it keeps. The mask head then sees about `limit`
-    boxes per image instead of up to `limit` per tile (its cost dominates at 1000 detections), for a second
-    pass of the backbone over the tiles that keep any; the masks are the same as in one pass."""
+    Boxes first, masks last: every tile's boxes are found (model.detect, which keeps the tile's features),
+    stitched and cut to the limit before the mask head runs (model.segment) on the detections kept, each over
+    its own tile's features. It sees `limit` boxes an image instead of up to `limit` a tile; the masks are the
+    same as in one pass; the price is the features of all tiles held at once (about 155 MB a 1344-px tile
+    at 256 channels, fp32)."""
     overlap = min(overlap, tile // 2)
     ys, xs = tile_starts(image.shape[-2], tile, overlap), tile_starts(image.shape[-1], tile, overlap)
-    crops, parts = [], []
+    encoded, parts = [], []
     for y0, (ylo, yhi) in zip(ys, tile_cores(ys, tile)):
         for x0, (xlo, xhi) in zip(xs, tile_cores(xs, tile)):
             crop = image[:, y0:y0 + tile, x0:x0 + tile]
             x = resize_image(crop, factor)
-            out = {k: v.detach().cpu() for k, v in model.detect([x])[0].items()}
-            out["input_boxes"], out["tile"] = out["boxes"].float(), torch.full_like(out["labels"], len(crops))
+            found, features = model.detect([x])
+            out = {k: v.detach().cpu() for k, v in found[0].items()}
+            out["input_boxes"], out["tile"] = out["boxes"].float(), torch.full_like(out["labels"], len(encoded))
             boxes = resize_boxes(out["input_boxes"], x.shape[-2:], crop.shape[-2:])
             out["boxes"] = boxes + torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
             out["scores"] = out["scores"].float()
@@ -183,24 +185,23 @@ def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, res
             cy = (out["boxes"][:, 1] + out["boxes"][:, 3]) / 2
             own = (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)
             parts.append({k: v[own] for k, v in out.items()})
-            crops.append((y0, x0))
+            encoded.append(features if own.any() else None)  # a tile that keeps nothing frees its features now
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     keep = batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)
     out = {k: v[keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)]] for k, v in out.items()}
-    out["mask_probs"] = tile_masks(model, image, factor, tile, crops, out)
+    out["mask_probs"] = tile_masks(model, encoded, out, image.device)
     return {k: out[k] for k in FIELDS}
 
 
-def tile_masks(model, image, factor, tile, crops, out):
-    """The mask probabilities of the stitched detections `out`, each from the tile (crops[out['tile']], its
-    (y0, x0)) that found it, on its box in that tile's input (out['input_boxes'])."""
+def tile_masks(model, encoded, out, device):
+    """The mask probabilities of the stitched detections `out`, each from the features of the tile that found
+    it (encoded[out['tile']]), on its box in that tile's input (out['input_boxes'])."""
     where, probs = [], []
     for t in out["tile"].unique().tolist():
-        (y0, x0), mine = crops[t], torch.where(out["tile"] == t)[0]
-        x = resize_image(image[:, y0:y0 + tile, x0:x0 + tile], factor)
-        det = {"boxes": out["input_boxes"][mine].to(image.device), "labels": out["labels"][mine].to(image.device)}
+        mine = torch.where(out["tile"] == t)[0]
+        det = {"boxes": out["input_boxes"][mine].to(device), "labels": out["labels"][mine].to(device)}
         where.append(mine)
-        probs.append(model.segment([x], [det])[0]["mask_probs"].detach().float().cpu())
+        probs.append(model.segment(encoded[t], [det])[0]["mask_probs"].detach().float().cpu())
     # no detection at all: none of torchvision's 28 x 28 masks
     return torch.cat(probs)[torch.cat(where).argsort()] if probs else torch.zeros(0, 1, 28, 28)
 
@@ -253,7 +254,7 @@ def resample_masks(probs, src_boxes, dst_boxes):
     return F.grid_sample(probs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
 
 
-def fuse_detections(outputs, iou_threshold, limit, reserve=METRIC_MAX_DETS):
+def fuse_detections(outputs, iou_threshold, limit, reserve):
     """Merge the detections of several passes (weighted box and mask fusion; torchvision has only NMS).
 
     A class-wise box NMS over all passes picks one representative per cell; every detection joins the

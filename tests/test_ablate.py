@@ -3,6 +3,7 @@ runs skipped, interrupted runs continued, a time budget, seeds (mean and spread)
 val, and a clear error for a bad name."""
 import csv
 import math
+from pathlib import Path
 
 import pytest
 
@@ -76,23 +77,31 @@ def test_ablate_tiny_grid_tables_reuse_resume_and_skip(real_small, tmp_path, mon
 
 
 def test_ablate_each_lever_alone_against_the_base(real_small, tmp_path, monkeypatch):
-    calls = []
-    real_main = train.main
+    calls, reserves = [], []
+    real_main, real_set = train.main, predict.set_thresholds
     monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or real_main(argv))
+    monkeypatch.setattr(predict, "set_thresholds", lambda m, s: reserves.append(s["CLASS_RESERVE"]) or real_set(m, s))
     out = tmp_path / "abl"
     rows = ablate.main(["--data-dir", str(real_small), "--out", str(out), "--each", "--vary", "heads=cascade",
-                        "--vary", "ema=0.9,0.99", "--vary", "class-reserve=0", "--"] + tiny_args(EPOCHS=1, **SHARED))
-    # not the combinations: an inference lever scores the base's checkpoint only, a training lever trains once
-    assert [r["label"] for r in rows] == ["base", "base / class-reserve=0", "heads=cascade", "ema=0.9", "ema=0.99"]
+                        "--vary", "ema=0.9", "--vary", "class-reserve=0", "--seeds", "2", "--ensemble", "--"]
+                       + tiny_args(EPOCHS=1, **SHARED))
+    # not the combinations: a prediction lever scores the base's checkpoints only, a training lever trains once a
+    # seed, and the ensemble fuses the base's seeds
+    assert [r["label"] for r in rows] == ["base", "base / class-reserve=0"] * 2 + ["base + next seed"] + \
+        ["heads=cascade"] * 2 + ["ema=0.9"] * 2
     assert rows[1]["run_dir"] == rows[0]["run_dir"] and rows[1]["class_reserve"] == "0"
-    assert all("class_reserve" not in r for r in rows[2:])
-    configs = {r["label"]: load_checkpoint(out / r["label"] / "last.pt")["config"] for r in rows if "/" not in r["label"]}
+    assert all("class_reserve" not in r for r in rows[4:])
+    assert reserves.count(0) == 2 and reserves.count(100) == 3 * 2 + 2  # each run scored once, the ensemble its 2
+    configs = {r["label"]: load_checkpoint(Path(r["run_dir"]) / "last.pt")["config"] for r in rows}
     assert (configs["base"]["HEADS"], configs["base"]["EMA"]) == ("standard", 0.0)
     assert (configs["heads=cascade"]["HEADS"], configs["heads=cascade"]["EMA"]) == ("cascade", 0.0)
-    assert (configs["ema=0.99"]["HEADS"], configs["ema=0.99"]["EMA"]) == ("standard", 0.99)
-    assert len(calls) == 4 and all(0.0 <= r["ap50"] <= 1.0 for r in rows)
+    assert (configs["ema=0.9"]["HEADS"], configs["ema=0.9"]["EMA"]) == ("standard", 0.9)
+    assert len(calls) == 6 and all(0.0 <= r["ap50"] <= 1.0 for r in rows)
     md = (out / "ablation.md").read_text()
-    assert "| base / class-reserve=0 |" in md and "| heads=cascade |" in md
+    assert "| base / class-reserve=0 |" in md and "| heads=cascade |" in md and md.count("| base + next seed |") == 1
+    with pytest.raises(SystemExit, match="CASCADE_SCORE_STAGES would change nothing"):
+        ablate.main(["--data-dir", str(real_small), "--out", str(tmp_path / "b"), "--each", "--vary",
+                     "cascade-score-stages=2", "--"] + tiny_args(EPOCHS=1, **SHARED))
 
 
 def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small, tmp_path):

@@ -100,7 +100,7 @@ def detections(scores, labels):
 
 def test_tta_fusion_shares_the_limit_out_by_class():
     scores, labels = crowded(300, 30)
-    fused = predict.fuse_detections([detections(scores, labels)], 0.5, limit=100)
+    fused = predict.fuse_detections([detections(scores, labels)], 0.5, limit=100, reserve=100)
     assert len(fused["labels"]) == 100 and (fused["labels"] == 3).sum() == 30
     fused = predict.fuse_detections([detections(scores, labels)], 0.5, limit=100, reserve=0)
     assert (fused["labels"] == 3).sum() == 0
@@ -111,16 +111,21 @@ class Crowd(torch.nn.Module):
 
     def detect(self, images):  # model.CellMaskRCNN's two steps, which tiled prediction calls
         scores, labels = crowded(60, 5)
-        return [{k: v for k, v in detections(scores, labels).items() if k != "mask_probs"}]
+        return [{k: v for k, v in detections(scores, labels).items() if k != "mask_probs"}], None
 
-    def segment(self, images, dets):
+    def segment(self, encoded, dets):
         return [dict(d, mask_probs=torch.ones(len(d["boxes"]), 1, 28, 28)) for d in dets]
 
 
-def test_tiles_share_the_limit_out_by_class():
-    image = torch.zeros(3, 400, 400)
-    out = predict.predict_tiled(Crowd(), image, 1.0, tile=200, overlap=0, nms_threshold=0.5, limit=60)
-    assert len(out["labels"]) == 60 and (out["labels"] == 3).sum() > 0
+@pytest.mark.parametrize("reserve", [100, 0])
+def test_tiles_share_the_limit_out_by_class(reserve):
+    """CLASS_RESERVE reaches the stitching through predict_image's options (0: the global top-k, class 2 alone)."""
+    opts = predict.predict_options({"MIN_SIZE": 0, "MAX_SIZE": 200, "SCALE": 1.0}, infer.prediction_settings(
+        DETECTIONS_PER_IMAGE=60, CLASS_RESERVE=reserve, TILE_OVERLAP=0))
+    out = predict.predict_image(Crowd(), torch.zeros(3, 400, 400), opts)
+    assert len(out["labels"]) == 60 and ((out["labels"] == 3).sum() > 0) == (reserve > 0)
+    fused = predict.predict_members([(Crowd(), dict(opts, tta="flips"))], torch.zeros(3, 400, 400))  # and the fusion
+    assert len(fused["labels"]) == 60 and ((fused["labels"] == 3).sum() > 0) == (reserve > 0)
 
 
 def test_where_every_class_reserve_is_inside_the_global_top_k_the_cut_is_torchvisions():

@@ -32,7 +32,7 @@ class BlobDetector(torch.nn.Module):
         return outs
 
     def detect(self, images):  # model.CellMaskRCNN's two steps, which tiled prediction calls
-        return [{k: v for k, v in out.items() if k != "mask_probs"} for out in self(images)]
+        return [{k: v for k, v in out.items() if k != "mask_probs"} for out in self(images)], images
 
     def segment(self, images, detections):
         return [dict(d, mask_probs=roi_align((im[0] > 0.5).float()[None, None], [d["boxes"]], 28, 1.0, 2, aligned=True))
@@ -128,14 +128,14 @@ def test_fusion_weighs_passes_and_averages_masks():
     b = {**a, "boxes": box + 1.0, "scores": torch.tensor([0.3]), "mask_probs": torch.zeros(1, 1, 28, 28)}
     lone = {**a, "boxes": torch.tensor([[50.0, 50.0, 60.0, 60.0]]), "scores": torch.tensor([0.6])}
     empty = {k: v[:0] for k, v in a.items()}
-    fused = predict.fuse_detections([a, b, lone], iou_threshold=0.5, limit=100)
+    fused = predict.fuse_detections([a, b, lone], iou_threshold=0.5, limit=100, reserve=100)
     assert fused["scores"].tolist() == pytest.approx([0.4, 0.2])  # (0.9 + 0.3) / 3, and 0.6 / 3
     assert torch.allclose(fused["boxes"][0], box[0] + 0.25)  # score-weighted mean box
     centre = fused["mask_probs"][0, 0, 4:24, 4:24]
     assert torch.allclose(centre, torch.full_like(centre, 0.75), atol=1e-5)  # score-weighted mean mask
     same_class_elsewhere = {**b, "labels": torch.tensor([3])}
-    assert len(predict.fuse_detections([a, same_class_elsewhere], 0.5, 100)["boxes"]) == 2  # classes never merge
-    assert len(predict.fuse_detections([empty, empty], 0.5, 100)["boxes"]) == 0
+    assert len(predict.fuse_detections([a, same_class_elsewhere], 0.5, 100, 100)["boxes"]) == 2  # classes never merge
+    assert len(predict.fuse_detections([empty, empty], 0.5, 100, 100)["boxes"]) == 0
 
 
 def test_resample_masks_is_identity_in_the_same_box():
@@ -144,9 +144,11 @@ def test_resample_masks_is_identity_in_the_same_box():
     assert torch.allclose(predict.resample_masks(probs, boxes, boxes), probs, atol=1e-5)
 
 
-def test_tiles_take_boxes_first_and_masks_last_with_the_masks_of_one_pass():
+@pytest.mark.parametrize("factor", [1.0, 1.5, 0.75])
+def test_tiles_take_boxes_first_and_masks_last_with_the_masks_of_one_pass(factor):
     """predict_tiled runs the mask head only on the detections kept for the whole image; its detections and
-    masks are those of the one-pass way (the model's forward on every tile: masks for each tile's 40)."""
+    masks are those of the one-pass way (the model's forward on every tile: masks for each tile's 40), also
+    where tiles are resized (the mask head takes boxes in the tile input's pixels, the output is in the image's)."""
     torch.manual_seed(0)
     settings = infer.prediction_settings(DETECTIONS_PER_IMAGE=40, SCORE_THRESHOLD=0.0)
     model = set_thresholds(build_model(TINY), settings).eval()
@@ -155,15 +157,15 @@ def test_tiles_take_boxes_first_and_masks_last_with_the_masks_of_one_pass():
     image, tile, overlap = torch.rand(3, 150, 200), 96, 32
     assert len(predict.tile_starts(150, tile, overlap)) * len(predict.tile_starts(200, tile, overlap)) == 6
     with torch.no_grad():
-        ours = predict.predict_tiled(model, image, 1.0, tile, overlap, 0.5, limit=40)
+        ours = predict.predict_tiled(model, image, factor, tile, overlap, 0.5, limit=40, reserve=100)
         assert sum(masked) == len(ours["boxes"]) == 40  # the mask head on the 40 kept ...
         masked.clear()
-        one = one_pass_tiled(model, image, 1.0, tile, overlap, 0.5, limit=40, reserve=100)
+        one = one_pass_tiled(model, image, factor, tile, overlap, 0.5, limit=40, reserve=100)
     assert sum(masked) > 40 * 4  # ... where one pass runs it on every tile's 40
     for k in predict.FIELDS:
         assert torch.allclose(ours[k].float(), one[k].float(), atol=1e-5), k
 
 
 def test_tiles_without_a_detection_give_none():
-    out = predict.predict_tiled(BlobDetector(), torch.zeros(3, 200, 200), 1.0, 96, 32, 0.5, limit=40)
+    out = predict.predict_tiled(BlobDetector(), torch.zeros(3, 200, 200), 1.0, 96, 32, 0.5, limit=40, reserve=100)
     assert len(out["boxes"]) == 0 and out["mask_probs"].shape == (0, 1, 28, 28)
