@@ -3,6 +3,7 @@ forward on every tile, masks for each tile's DETECTIONS_PER_IMAGE, then the core
 
     python -m bench.tiled_inference --checkpoint runs/x/best.pt --data-dir data/realistic
     python -m bench.tiled_inference --checkpoint runs/x/best.pt --data-dir data/realistic --images 3 --input-scale 1
+    python -m bench.tiled_inference --checkpoint runs/x/best.pt --data-dir data/realistic --image-ids 3,14
 
 For each of the --images densest test images that the checkpoint's sizing rule tiles (DATA_DIR/test_gt_coco.json,
 as bench/realistic_data.py writes it): seconds of each way, the boxes the mask head ran on, and whether the two
@@ -63,6 +64,7 @@ def main(argv=None):
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--data-dir", required=True, help="a dataset with test_gt_coco.json")
     ap.add_argument("--images", type=int, default=2, help="the densest N test images that are tiled")
+    ap.add_argument("--image-ids", default="", help="these test image ids (comma-separated) instead")
     ap.add_argument("--input-scale", type=float, default=0.0, help="infer.py INPUT_SCALE (0: as trained)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
@@ -75,6 +77,8 @@ def main(argv=None):
     cells = {i: len(coco_gt.getAnnIds(imgIds=[i])) for i in coco_gt.getImgIds()}
     items = [dataset[k] for k in range(len(dataset))]
     items = sorted([(img, meta) for img, meta in items if tiling(img, opts)], key=lambda x: -cells[x[1]["id"]])
+    if args.image_ids:
+        items = [x for x in items if str(x[1]["id"]) in args.image_ids.split(",")]
     masked = []  # RoIs through the mask head
     model.roi_heads.mask_head.register_forward_hook(lambda module, inputs, output: masked.append(len(output)))
     total_ours = total_one = 0.0
