@@ -12,6 +12,7 @@ is predict.py's; scoring is evaluate.py's.
 """
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -298,11 +299,20 @@ def check_ensemble_split(checkpoints, ckpts):
                              "checkpoints of one split (train.py SPLIT_SEED) to evaluate, or write the submission")
 
 
+def checkpoint_list(text):
+    """CHECKPOINT -> [path]: 'a.pt,b.pt' is two, split after '.pt' / '.pth' only, so a comma inside a path stays
+    (ablate.py's run folders: 'runs/abl/heads=cascade,seed=42/best.pt'); an existing file is one checkpoint."""
+    text = str(text).strip()
+    if not text or Path(text).is_file():
+        return [text] if text else []
+    return [c.strip() for c in re.split(r"(?<=\.pt),|(?<=\.pth),", text) if c.strip()]
+
+
 def main(argv=None):
     cfg, _ = apply_overrides(globals(), CONFIG, argv, description=__doc__,
                              renamed={"--scale": "use --input-scale (train.py's SCALE is the training sizing factor)"})
     device = pick_device(cfg["DEVICE"])
-    checkpoints = [c.strip() for c in str(cfg["CHECKPOINT"]).split(",") if c.strip()] or [newest_checkpoint()]
+    checkpoints = checkpoint_list(cfg["CHECKPOINT"]) or [newest_checkpoint()]
     settings = {name: cfg[name] for name in PREDICTION}
     try:
         models, opts, ckpts = load_ensemble(checkpoints, device, settings)

@@ -331,3 +331,13 @@ def test_infer_fuses_an_ensemble_of_checkpoints(trained_run, demo_dir, tmp_path,
     torch.save({**ckpt, "train_ids": ckpt["train_ids"] + ckpt["val_ids"][:1]}, leaky)
     with pytest.raises(SystemExit, match="trained on 1 image"):
         infer.main(["--checkpoint", f"{best},{leaky}", "--eval"] + args)
+
+
+def test_checkpoint_lists_split_after_pt_only(tmp_path):
+    """ablate.py's run folders hold commas ('heads=cascade,seed=42'): such a path stays one checkpoint."""
+    run = tmp_path / "heads=cascade,seed=42"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"")
+    assert infer.checkpoint_list(str(run / "best.pt")) == [str(run / "best.pt")]
+    assert infer.checkpoint_list("runs/a,seed=1/best.pt, runs/b/last.pt") == ["runs/a,seed=1/best.pt", "runs/b/last.pt"]
+    assert infer.checkpoint_list("x.pth,y.pt") == ["x.pth", "y.pt"] and infer.checkpoint_list("") == []
