@@ -206,17 +206,25 @@ def tile_masks(model, encoded, out, device):
     return torch.cat(probs)[torch.cat(where).argsort()] if probs else torch.zeros(0, 1, 28, 28)
 
 
-def predict_image(model, image, opts, scale_mult=1.0):
-    """One CxHxW image of any size -> detections in its own pixels. The image is resized by the
-    training's rule (dataset.resize_factor with the run's MIN_SIZE/MAX_SIZE/SCALE) times scale_mult;
-    where that input would pass MAX_SIZE it is cut into overlapping tiles (opts['tile']), else shrunk to fit."""
+def tiling(image, opts, scale_mult=1.0):
+    """(factor, tile in image pixels or None) of one CxHxW image: the training's sizing rule (dataset.resize_factor
+    with the run's MIN_SIZE/MAX_SIZE/SCALE) times scale_mult; a tile where that input would pass MAX_SIZE and
+    opts['tile'] is on, else None and the factor shrunk to fit."""
     min_size, max_size, scale = opts["sizing"]
     h, w = image.shape[-2:]
     factor = resize_factor(h, w, min_size, max_size, scale, cap=False) * scale_mult
     if opts["tile"] and max(h, w) * factor > max_size * (1 + 1e-6):
-        return predict_tiled(model, image, factor, int(max_size / factor), opts["overlap"], opts["nms"], opts["limit"],
-                             opts["reserve"])
-    return forward_resized(model, image, min(factor, max_size / max(h, w)))
+        return factor, int(max_size / factor)
+    return min(factor, max_size / max(h, w)), None
+
+
+def predict_image(model, image, opts, scale_mult=1.0):
+    """One CxHxW image of any size -> detections in its own pixels, resized as `tiling` says: cut into overlapping
+    tiles where the input would pass MAX_SIZE (opts['tile']), else shrunk to fit."""
+    factor, tile = tiling(image, opts, scale_mult)
+    if tile:
+        return predict_tiled(model, image, factor, tile, opts["overlap"], opts["nms"], opts["limit"], opts["reserve"])
+    return forward_resized(model, image, factor)
 
 
 def tta_passes(mode, scales):

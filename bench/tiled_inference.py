@@ -18,7 +18,7 @@ import torch
 import evaluate
 import infer
 import predict
-from dataset import TestDataset, resize_factor
+from dataset import TestDataset
 from heads import class_budget
 from utils import pick_device
 
@@ -38,14 +38,6 @@ def one_pass_tiled(model, image, factor, tile, overlap, nms_threshold, limit, re
     out = predict._cat(parts)
     keep = predict.batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)
     return predict._select(out, keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)])
-
-
-def tiling(image, opts):
-    """(factor, tile) as predict_image tiles the image, or None where it does not."""
-    min_size, max_size, scale = opts["sizing"]
-    h, w = image.shape[-2:]
-    factor = resize_factor(h, w, min_size, max_size, scale, cap=False)
-    return (factor, int(max_size / factor)) if max(h, w) * factor > max_size * (1 + 1e-6) else None
 
 
 def timed(fn, device):
@@ -76,7 +68,7 @@ def main(argv=None):
     dataset = TestDataset(args.data_dir)
     cells = {i: len(coco_gt.getAnnIds(imgIds=[i])) for i in coco_gt.getImgIds()}
     items = [dataset[k] for k in range(len(dataset))]
-    items = sorted([(img, meta) for img, meta in items if tiling(img, opts)], key=lambda x: -cells[x[1]["id"]])
+    items = sorted([(img, meta) for img, meta in items if predict.tiling(img, opts)[1]], key=lambda x: -cells[x[1]["id"]])
     if args.image_ids:
         items = [x for x in items if str(x[1]["id"]) in args.image_ids.split(",")]
     masked = []  # RoIs through the mask head
@@ -84,7 +76,7 @@ def main(argv=None):
     total_ours = total_one = 0.0
     for n, (image, meta) in enumerate(items[:args.images]):
         image = image.to(device)
-        factor, tile = tiling(image, opts)
+        factor, tile = predict.tiling(image, opts)
         overlap = min(opts["overlap"], tile // 2)
         tiles = len(predict.tile_starts(image.shape[-2], tile, overlap)) * len(predict.tile_starts(image.shape[-1], tile, overlap))
         ways = {"ours": lambda: predict.predict_image(model, image, opts),
