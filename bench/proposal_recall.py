@@ -18,30 +18,27 @@ from torchvision.ops import box_iou
 
 import evaluate
 import infer
-from dataset import TestDataset, resize_factor, resize_image
-from predict import load_model, tile_starts
+from dataset import TestDataset, resize_image
+from predict import load_model, predict_options, tile_starts, tiling
 from utils import pick_device
 
 
-def inputs(image, sizing, tile_overlap):
-    """[(model input, (x0, y0) offset in the image, factor)] as predict.py cuts an image (infer.py TILE)."""
-    min_size, max_size, scale = sizing
-    h, w = image.shape[-2:]
-    factor = resize_factor(h, w, min_size, max_size, scale, cap=False)
-    if not infer.TILE or max(h, w) * factor <= max_size * (1 + 1e-6):
-        factor = min(factor, max_size / max(h, w))
+def inputs(image, opts):
+    """[(model input, (x0, y0) offset in the image, factor)] as predict.py cuts an image (predict.tiling)."""
+    factor, tile = tiling(image, opts)
+    if not tile:
         return [(resize_image(image, factor), (0, 0), factor)]
-    tile = int(max_size / factor)
-    overlap = min(tile_overlap, tile // 2)
+    h, w = image.shape[-2:]
+    overlap = min(opts["overlap"], tile // 2)
     return [(resize_image(image[:, y0:y0 + tile, x0:x0 + tile], factor), (x0, y0), factor)
             for y0 in tile_starts(h, tile, overlap) for x0 in tile_starts(w, tile, overlap)]
 
 
 @torch.no_grad()
-def proposals_at(model, image, sizing, budgets, overlap, device):
+def proposals_at(model, image, opts, budgets, device):
     """{budget: proposals (N, 4) in image pixels} of one image."""
     found = {b: [] for b in budgets}
-    for x, (x0, y0), factor in inputs(image, sizing, overlap):
+    for x, (x0, y0), factor in inputs(image, opts):
         images, _ = model.transform([x.to(device)])
         features = model.backbone(images.tensors)
         for b in budgets:
@@ -62,9 +59,11 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = pick_device(args.device)
     budgets = [int(b) for b in args.budgets.split(",")]
-    model, ckpt = load_model(args.checkpoint, device, infer.prediction_settings())
+    settings = infer.prediction_settings()
+    model, ckpt = load_model(args.checkpoint, device, settings)
     cfg = ckpt["config"]
-    sizing = (cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["SCALE"])
+    opts = predict_options(cfg, settings)
+    sizing = opts["sizing"]
     gt = evaluate.test_ground_truth(args.data_dir)
     dataset = TestDataset(args.data_dir)
     cells = {rec["id"]: len(gt.getAnnIds(imgIds=[rec["id"]])) for rec in dataset.table}
@@ -77,7 +76,7 @@ def main(argv=None):
         image, rec = dataset[i]
         boxes = torch.tensor([a["bbox"] for a in gt.loadAnns(gt.getAnnIds(imgIds=[rec["id"]]))], dtype=torch.float32)
         boxes[:, 2:] += boxes[:, :2]
-        found = proposals_at(model, image, sizing, budgets, infer.TILE_OVERLAP, device)
+        found = proposals_at(model, image, opts, budgets, device)
         line = []
         for b in budgets:
             reached = int((box_iou(boxes, found[b]).max(1).values >= args.iou).sum()) if len(found[b]) else 0
