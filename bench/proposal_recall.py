@@ -5,10 +5,10 @@ RPN_PROPOSALS; torchvision keeps 1000) for a trained checkpoint's proposals to r
     python -m bench.proposal_recall --checkpoint runs/x/best.pt --data-dir data/realistic --budgets 500,1000,2000,4000
 
 For each of the --images densest test images (DATA_DIR/test_gt_coco.json, as bench/realistic_data.py writes
-it): the image at the checkpoint's input size (its sizing rule, cut into the same tiles as predict.py where the
-input would pass MAX_SIZE), the backbone once, then the RPN at each budget (the best N of each FPN level before
-its NMS, the best N after, per input); recall = the share of the image's cells with a proposal of IoU >= 0.5
-(proposals of all tiles together). Prints a line per image and budget, then the totals and the device.
+it): the image at the checkpoint's input size (its sizing rule or infer.py INPUT_SCALE, cut into the same tiles
+as predict.py where the input would pass MAX_SIZE), the backbone once, then the RPN at each budget (the best N
+of each FPN level before its NMS, the best N after, per input); recall = the share of the image's cells with a
+proposal of IoU >= 0.5 (proposals of all tiles together). Prints a line per image and budget, then the totals and the device.
 """
 import argparse
 import time
