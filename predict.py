@@ -151,6 +151,13 @@ def tile_starts(length, tile, overlap):
     return [round(i * (length - tile) / (n - 1)) for i in range(n)]
 
 
+def tile_grid(shape, tile, overlap):
+    """(row starts, column starts) of the tiles that cover an image of `shape` (H, W); the overlap is capped at half
+    a tile, so a tile's core (tile_cores) is never empty."""
+    overlap = min(overlap, tile // 2)
+    return tile_starts(shape[0], tile, overlap), tile_starts(shape[1], tile, overlap)
+
+
 def tile_cores(starts, tile):
     """The stretch [lo, hi) each tile owns: overlaps split at their middle, the outer tiles own to infinity."""
     cuts = [(starts[i + 1] + starts[i] + tile) / 2 for i in range(len(starts) - 1)]
@@ -168,8 +175,7 @@ def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, res
     its own tile's features. It sees `limit` boxes an image instead of up to `limit` a tile; the masks are the
     same as in one pass; the price is the features of all tiles held at once (about 155 MB a 1344-px tile
     at 256 channels, fp32)."""
-    overlap = min(overlap, tile // 2)
-    ys, xs = tile_starts(image.shape[-2], tile, overlap), tile_starts(image.shape[-1], tile, overlap)
+    ys, xs = tile_grid(image.shape[-2:], tile, overlap)
     encoded, parts = [], []
     for y0, (ylo, yhi) in zip(ys, tile_cores(ys, tile)):
         for x0, (xlo, xhi) in zip(xs, tile_cores(xs, tile)):

@@ -8,7 +8,8 @@ For each of the --images densest test images (DATA_DIR/test_gt_coco.json, as ben
 it): the image at the checkpoint's input size (its sizing rule or infer.py INPUT_SCALE, cut into the same tiles
 as predict.py where the input would pass MAX_SIZE), the backbone once, then the RPN at each budget (the best N
 of each FPN level before its NMS, the best N after, per input); recall = the share of the image's cells with a
-proposal of IoU >= 0.5 (proposals of all tiles together). Prints a line per image and budget, then the totals and the device.
+proposal of IoU >= 0.5 (proposals of all tiles together). Prints a line per image and budget, then the totals and
+the device.
 """
 import argparse
 import time
@@ -19,7 +20,7 @@ from torchvision.ops import box_iou
 import evaluate
 import infer
 from dataset import TestDataset, resize_image
-from predict import load_model, predict_options, tile_starts, tiling
+from predict import load_model, predict_options, tile_grid, tiling
 from utils import pick_device
 
 
@@ -28,10 +29,8 @@ def inputs(image, opts):
     factor, tile = tiling(image, opts)
     if not tile:
         return [(resize_image(image, factor), (0, 0), factor)]
-    h, w = image.shape[-2:]
-    overlap = min(opts["overlap"], tile // 2)
-    return [(resize_image(image[:, y0:y0 + tile, x0:x0 + tile], factor), (x0, y0), factor)
-            for y0 in tile_starts(h, tile, overlap) for x0 in tile_starts(w, tile, overlap)]
+    ys, xs = tile_grid(image.shape[-2:], tile, opts["overlap"])
+    return [(resize_image(image[:, y0:y0 + tile, x0:x0 + tile], factor), (x0, y0), factor) for y0 in ys for x0 in xs]
 
 
 @torch.no_grad()

@@ -26,8 +26,7 @@ from utils import pick_device
 def one_pass_tiled(model, image, factor, tile, overlap, nms_threshold, limit, reserve):
     """predict_tiled's detections the one-pass way: every tile through the model's forward (masks for all its
     detections), then the same core filter, NMS and budget."""
-    overlap = min(overlap, tile // 2)
-    ys, xs = predict.tile_starts(image.shape[-2], tile, overlap), predict.tile_starts(image.shape[-1], tile, overlap)
+    ys, xs = predict.tile_grid(image.shape[-2:], tile, overlap)
     parts = []
     for y0, (ylo, yhi) in zip(ys, predict.tile_cores(ys, tile)):
         for x0, (xlo, xhi) in zip(xs, predict.tile_cores(xs, tile)):
@@ -68,7 +67,8 @@ def main(argv=None):
     dataset = TestDataset(args.data_dir)
     cells = {i: len(coco_gt.getAnnIds(imgIds=[i])) for i in coco_gt.getImgIds()}
     items = [dataset[k] for k in range(len(dataset))]
-    items = sorted([(img, meta) for img, meta in items if predict.tiling(img, opts)[1]], key=lambda x: -cells[x[1]["id"]])
+    items = sorted([(img, meta) for img, meta in items if predict.tiling(img, opts)[1]],
+                   key=lambda x: -cells[x[1]["id"]])
     if args.image_ids:
         items = [x for x in items if str(x[1]["id"]) in args.image_ids.split(",")]
     masked = []  # RoIs through the mask head
@@ -77,8 +77,8 @@ def main(argv=None):
     for n, (image, meta) in enumerate(items[:args.images]):
         image = image.to(device)
         factor, tile = predict.tiling(image, opts)
-        overlap = min(opts["overlap"], tile // 2)
-        tiles = len(predict.tile_starts(image.shape[-2], tile, overlap)) * len(predict.tile_starts(image.shape[-1], tile, overlap))
+        ys, xs = predict.tile_grid(image.shape[-2:], tile, opts["overlap"])
+        tiles = len(ys) * len(xs)
         ways = {"ours": lambda: predict.predict_image(model, image, opts),
                 "one": lambda: one_pass_tiled(model, image, factor, tile, opts["overlap"], opts["nms"], opts["limit"],
                                               opts["reserve"])}
