@@ -19,9 +19,9 @@ the val split, SPLIT_SEED, stays) and reports mean +- sd of each score.
 --ensemble (with --seeds >= 2) adds a row per configuration (with --each: for the base): each seed's best.pt fused
 with the next seed's (infer.py --checkpoint a,b: detections fused as TTA's), its steps and seconds the two runs' sums.
 --peer adds torchvision's stock Mask R-CNN (peer.py), tuned as a user would: each optimiser setting of
-peer.GRID (or --peer-grid) trains with the first seed and the same budget, the best final val AP50 picks one (the test images
+peer.GRID (or --peer-grid) trains with the first seed and the same budget, the best val AP50 picks one (the test images
 are never looked at for it), and that setting trains with every seed: the "peer (tuned)" row, and the ratio
-of each row's test AP50 to it, seed by seed.
+of each row's test AP50 to it, seed by seed. Both sides are scored from best.pt, the epoch of their best val AP50.
 
 Scores (segm, pycocotools): AP50 at maxDets 100 (the leaderboard's) and its share of the ceiling that maxDets
 leaves (evaluate.ceiling), AP50 at maxDets 1000, AP@[.5:.95], per-class AP50, training steps and seconds.
@@ -57,7 +57,8 @@ from utils import (CheckpointError, _parse_bool, atomic_write, load_checkpoint, 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-SCORING = 2  # what a cached score-*.json means; 2: detection budget per class, cascade sampled as detectron2
+SCORING = 3  # what a cached score-*.json means; 2: detection budget per class, cascade sampled as detectron2;
+#               3: the peer picked and scored by its best.pt
 SCORE_FIELDS = ["ap50", "ap50_share", "ap50_maxdets1000", "ap", "ap50_class1", "ap50_class2", "ap50_class3",
                 "ap50_class4", "steps", "train_seconds", "epochs"]
 TABLE_FIELDS = [("AP50", "ap50"), ("of ceiling", "ap50_share"), ("AP50 (1000 dets)", "ap50_maxdets1000"),
@@ -211,7 +212,7 @@ def markdown(rows, varied_names, header, grid):
         cells.append(fmt(*a["vs_peer"], digits=2) if not math.isnan(a["vs_peer"][0]) else "-")
         lines.append("| " + " | ".join(cells) + " |")
     if grid:
-        lines += ["", "The peer's optimiser grid (first seed, same budget), chosen on val AP50 (its final weights):", "",
+        lines += ["", "The peer's optimiser grid (first seed, same budget), chosen on val AP50 (its best epoch's):", "",
                   "| optimiser | lr | val AP50 | steps | train s | |", "| --- | --- | --- | --- | --- | --- |"]
         for g in grid:
             lines.append(f"| {g['optimizer']} | {g['lr']:g} | {fmt(g['val_ap50'])} | {g['steps']} | "
@@ -351,8 +352,9 @@ def run_ensembles(assignment, runs, infer_grid, inference, data_dir, device, coc
 
 
 def run_peer(out, cfg, args, seeds, data_dir, device, coco_gt):
-    """The tuned peer: peer.GRID with the first seed, the best final val AP50 chosen, then that setting with
-    every seed, scored on the test images. Returns (rows, grid summary)."""
+    """The tuned peer: peer.GRID with the first seed, the setting of the best val AP50 (its best.pt's, as ours
+    is picked) chosen, then that setting with every seed, its best.pt scored on the test images. Returns (rows,
+    grid summary)."""
     if cfg["PRETRAINED"] and not cfg["PRETRAINED_WEIGHTS"]:
         raise SystemExit("--peer never downloads: with pretrained weights, give them as a local file "
                          "(--pretrained-weights FILE after --), or train both from scratch")
@@ -360,17 +362,17 @@ def run_peer(out, cfg, args, seeds, data_dir, device, coco_gt):
     def trained(optimizer, lr, seed):
         run_dir = out / "peer" / (f"{optimizer}-{lr:g}" + (f",seed={seed}" if seed != seeds[0] else ""))
         print(f"[ablate] peer {optimizer} lr {lr:g}, seed {seed}", flush=True)
-        last = peer.train_peer(data_dir, run_dir, args.peer_backbone or cfg["BACKBONE"], cfg["EPOCHS"], args.minutes,
-                               cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["VAL_FRACTION"], seed, cfg["PRETRAINED_WEIGHTS"],
-                               str(device), optimizer=optimizer, lr=lr, split_seed=cfg["SPLIT_SEED"])
-        return run_dir, load_checkpoint(last)["state"]
+        peer.train_peer(data_dir, run_dir, args.peer_backbone or cfg["BACKBONE"], cfg["EPOCHS"], args.minutes,
+                        cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["VAL_FRACTION"], seed, cfg["PRETRAINED_WEIGHTS"],
+                        str(device), optimizer=optimizer, lr=lr, split_seed=cfg["SPLIT_SEED"])
+        return run_dir, load_checkpoint(run_dir / "last.pt")["state"]  # the whole run: its steps and seconds
 
     grid = []
     for optimizer, lr in args.peer_grid:
         run_dir, state = trained(optimizer, lr, seeds[0])
-        final = state["history"][-1]["val_ap50"] if state["history"] else float("nan")
-        grid.append({"optimizer": optimizer, "lr": lr, "val_ap50": final, "steps": state["step"],
-                     "train_seconds": state["train_seconds"], "chosen": False})
+        val = [h["val_ap50"] for h in state["history"] if not math.isnan(h["val_ap50"])]
+        grid.append({"optimizer": optimizer, "lr": lr, "val_ap50": max(val, default=float("nan")),
+                     "steps": state["step"], "train_seconds": state["train_seconds"], "chosen": False})
     best = max(grid, key=lambda g: -math.inf if math.isnan(g["val_ap50"]) else g["val_ap50"])
     best["chosen"] = True
     rows = []
@@ -378,7 +380,7 @@ def run_peer(out, cfg, args, seeds, data_dir, device, coco_gt):
         run_dir, state = trained(best["optimizer"], best["lr"], seed)
         path = run_dir / "score.json"
         if not path.is_file():
-            save_json(score(peer.test_records(run_dir / "last.pt", data_dir, str(device)), coco_gt, state), path)
+            save_json(score(peer.test_records(run_dir / "best.pt", data_dir, str(device)), coco_gt, state), path)
         rows.append({"label": "peer (tuned)", "seed": seed, "run_dir": str(run_dir), **json.loads(path.read_text())})
     return rows, grid
 

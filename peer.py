@@ -15,13 +15,16 @@ What is stock (torchvision's models and references/detection/train.py, unchanged
 - the training: the references' SGD (momentum 0.9, weight decay 1e-4), lr 0.02 for 16 images a step
   scaled linearly to batch 1 (0.00125, the references' linear-scaling rule), linear warm-up from 0.001x
   over min(1000, steps in epoch 1), MultiStepLR x0.1 at epochs 16 and 22 of 26 (scaled to EPOCHS),
-  RandomHorizontalFlip(0.5), the last weights kept.
+  RandomHorizontalFlip(0.5).
+What a careful user adds, as train.py does for ours: val AP50 after every epoch and best.pt, the weights of
+the best val AP50 so far (the latest where there is no val split), which ablate.py tunes and scores.
 What is shared with ours: the training images (train.py's split, same seed and VAL_FRACTION), the
 input size (the images are handed over at the model's input size, as CellDataset does for ours, so
 no N x H x W float copy of the masks is made; the stock transform then resizes by 1), batch 1, the
 epochs or minutes of training, the held-out test images and their scoring (evaluate.py).
 
-The run folder gets last.pt (every epoch: resumable), metrics.csv (epoch, val_ap50, train_seconds).
+The run folder gets last.pt (every epoch: resumable), best.pt (best val AP50) and metrics.csv (epoch, val_ap50,
+train_seconds).
 """
 import argparse
 import math
@@ -141,8 +144,9 @@ def train_epoch(model, loader, optimizer, state, lr, warmup, deadline, device):
 def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, min_size=800, max_size=1333,
                val_fraction=0.1, seed=42, weights_backbone="", device="cpu", log=print, optimizer="sgd", lr=0.0,
                split_seed=None):
-    """Train the peer (resuming run_dir/last.pt if there); returns the path of last.pt. seed: initialisation and
-    data order; split_seed (None: seed): the train/val split, as train.py's SPLIT_SEED."""
+    """Train the peer (resuming run_dir/last.pt if there); returns the path of best.pt (the best val AP50 so far;
+    without val AP50, the latest weights). seed: initialisation and data order; split_seed (None: seed): the
+    train/val split, as train.py's SPLIT_SEED."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -156,15 +160,16 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
     lr = optimizer.param_groups[0]["lr"]
     milestones = [max(1, round(m * epochs / REFERENCE["epochs"])) for m in REFERENCE["lr_steps"]]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=REFERENCE["lr_gamma"])
-    state = {"epoch": 0, "step": 0, "train_seconds": 0.0, "history": []}
+    state = {"epoch": 0, "step": 0, "train_seconds": 0.0, "history": [], "best_ap50": -math.inf}
     generator = torch.Generator().manual_seed(seed)
-    last = run_dir / "last.pt"
+    last, best = run_dir / "last.pt", run_dir / "best.pt"
     if last.exists():
         ckpt = load_checkpoint(last)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
+        state.setdefault("best_ap50", -math.inf)  # a run from before best.pt: best.pt from its next epoch on
         torch.set_rng_state(ckpt["rng"])
         generator.set_state(ckpt["loader_rng"])
     coco_gt = evaluate.val_ground_truth(val_set) if len(val_set) else None
@@ -193,15 +198,24 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
         state["history"].append({"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"],
                                  "train_loss": total / max(steps, 1), "val_ap50": ap50,
                                  "train_seconds": state["train_seconds"]})
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "state": state, "rng": torch.get_rng_state(),
-                         "loader_rng": generator.get_state(), "epoch": state["epoch"],
-                         "config": dict(BACKBONE=backbone, MIN_SIZE=min_size, MAX_SIZE=max_size, PEER=True,
-                                        WEIGHTS_BACKBONE=weights_backbone, OPTIMIZER=kind, LR=lr, SEED=seed)}, last)
+        # as train.py: best.pt = the best val AP50 so far; without a val split, the latest weights
+        improved = coco_gt is None or not best.exists() or (not math.isnan(ap50) and ap50 > state["best_ap50"])
+        if improved and not math.isnan(ap50):
+            state["best_ap50"] = ap50
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "state": state, "rng": torch.get_rng_state(),
+                "loader_rng": generator.get_state(), "epoch": state["epoch"],
+                "config": dict(BACKBONE=backbone, MIN_SIZE=min_size, MAX_SIZE=max_size, PEER=True,
+                               WEIGHTS_BACKBONE=weights_backbone, OPTIMIZER=kind, LR=lr, SEED=seed)}
+        save_checkpoint(ckpt, last)
+        if improved:
+            save_checkpoint(ckpt, best)
         write_csv(run_dir / "metrics.csv", state["history"], ["epoch", "lr", "train_loss", "val_ap50", "train_seconds"])
         log(f"peer epoch {state['epoch']}: train loss {total / max(steps, 1):.4f}  val AP50 {ap50:.4f}  "
-            f"{state['train_seconds']:.0f}s of training")
-    return last
+            f"{state['train_seconds']:.0f}s of training" + ("  (best)" if improved else ""))
+    if not best.exists():
+        raise SystemExit(f"peer: {run_dir} holds a run finished before the peer kept best.pt; use another run folder")
+    return best
 
 
 def load_peer(checkpoint, device="cpu"):
@@ -235,13 +249,13 @@ def main(argv=None):
     ap.add_argument("--weights-backbone", default="", help="local torchvision/timm ResNet weights file")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
-    last = train_peer(args.data_dir, args.run_dir, args.backbone, args.epochs, args.minutes, args.min_size,
+    best = train_peer(args.data_dir, args.run_dir, args.backbone, args.epochs, args.minutes, args.min_size,
                       args.max_size, args.val_fraction, args.seed, args.weights_backbone, args.device,
                       optimizer=args.optimizer, lr=args.lr)
     gt_path = Path(args.data_dir) / "test_gt_coco.json"
     if gt_path.is_file():
         metrics = evaluate.coco_evaluate(evaluate.test_ground_truth(args.data_dir),
-                                         test_records(last, args.data_dir, args.device))
+                                         test_records(best, args.data_dir, args.device))
         print(f"peer test AP50 (maxDets 100) {metrics['ap50']:.4f}  AP@[.5:.95] {metrics['ap']:.4f}")
 
 

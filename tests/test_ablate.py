@@ -10,6 +10,7 @@ import pytest
 import ablate
 import engine
 import infer
+import peer
 import predict
 import train
 from bench.realistic_data import make_realistic_data
@@ -119,9 +120,9 @@ def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small
         assert ckpt["epoch"] == 1 < 5 and ckpt["state"]["train_seconds"] >= 0.3  # stopped by the budget, mid-epoch
     assert runs[7]["config"]["SEED"] == 7 and runs[8]["config"]["SEED"] == 8
     assert runs[7]["val_ids"] == runs[8]["val_ids"]  # the seeds share one split
-    # the grid trained with the first seed; the best final val AP50 picked the setting, never the test images
+    # the grid trained with the first seed; the best val AP50 (its best.pt's) picked the setting, never the test images
     grid = {(o, lr): load_checkpoint(out / "peer" / f"{o}-{lr:g}" / "last.pt") for o, lr in grid}
-    val = {k: c["state"]["history"][-1]["val_ap50"] for k, c in grid.items()}
+    val = {k: max(h["val_ap50"] for h in c["state"]["history"]) for k, c in grid.items()}
     chosen = max(val, key=val.get)
     assert (out / "peer" / f"{chosen[0]}-{chosen[1]:g}" / "score.json").is_file()
     assert not any((out / "peer" / f"{o}-{lr:g}" / "score.json").is_file() for o, lr in val if (o, lr) != chosen)
@@ -137,6 +138,17 @@ def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small
         ablate.main(["--data-dir", str(real_small), "--out", str(out), "--peer-grid", "lamb:1e-3"])
     with pytest.raises(SystemExit, match="--seeds 2 or more"):
         ablate.main(["--data-dir", str(real_small), "--out", str(out), "--ensemble"])
+
+
+def test_the_peer_keeps_the_weights_of_its_best_val_epoch(real_small, tmp_path, monkeypatch):
+    """As train.py for ours: best.pt is the epoch of the best val AP50, not the last; ablate.py scores it."""
+    scripted = iter([0.1, 0.3, 0.2])
+    monkeypatch.setattr(peer.evaluate, "coco_evaluate", lambda *a, **k: {"ap50": next(scripted)})
+    best = peer.train_peer(real_small, tmp_path / "p", "resnet18", epochs=3, min_size=64, max_size=96,
+                           val_fraction=0.34, seed=0, optimizer="adamw", lr=1e-4, log=lambda *_: None)
+    assert best == tmp_path / "p" / "best.pt"
+    assert load_checkpoint(best)["epoch"] == 2 and load_checkpoint(tmp_path / "p" / "last.pt")["epoch"] == 3
+    assert load_checkpoint(best)["state"]["best_ap50"] == 0.3
 
 
 def test_seeds_aggregate_to_mean_and_spread_and_the_ratio_pairs_seeds():
