@@ -21,7 +21,8 @@ with the next seed's (infer.py --checkpoint a,b: detections fused as TTA's), its
 --peer adds torchvision's stock Mask R-CNN (peer.py), tuned as a user would: each optimiser setting of
 peer.GRID (or --peer-grid) trains with the first seed and the same budget, the best val AP50 picks one (the test images
 are never looked at for it), and that setting trains with every seed: the "peer (tuned)" row, and the ratio
-of each row's test AP50 to it, seed by seed. Both sides are scored from best.pt, the epoch of their best val AP50.
+of each row's test AP50 to it, seed by seed. Both sides are scored from best.pt, the epoch of their best val AP50
+(the latest weights where val picks nothing: fewer than MIN_VAL_IMAGES val images).
 
 Scores (segm, pycocotools): AP50 at maxDets 100 (the leaderboard's) and its share of the ceiling that maxDets
 leaves (evaluate.ceiling), AP50 at maxDets 1000, AP@[.5:.95], per-class AP50, training steps and seconds.
@@ -362,26 +363,28 @@ def run_peer(out, cfg, args, seeds, data_dir, device, coco_gt):
     def trained(optimizer, lr, seed):
         run_dir = out / "peer" / (f"{optimizer}-{lr:g}" + (f",seed={seed}" if seed != seeds[0] else ""))
         print(f"[ablate] peer {optimizer} lr {lr:g}, seed {seed}", flush=True)
-        peer.train_peer(data_dir, run_dir, args.peer_backbone or cfg["BACKBONE"], cfg["EPOCHS"], args.minutes,
-                        cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["VAL_FRACTION"], seed, cfg["PRETRAINED_WEIGHTS"],
-                        str(device), optimizer=optimizer, lr=lr, split_seed=cfg["SPLIT_SEED"])
-        return run_dir, load_checkpoint(run_dir / "last.pt")["state"]  # the whole run: its steps and seconds
+        best = peer.train_peer(data_dir, run_dir, args.peer_backbone or cfg["BACKBONE"], cfg["EPOCHS"], args.minutes,
+                               cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["VAL_FRACTION"], seed, cfg["PRETRAINED_WEIGHTS"],
+                               str(device), optimizer=optimizer, lr=lr, split_seed=cfg["SPLIT_SEED"],
+                               min_val_images=cfg["MIN_VAL_IMAGES"])
+        return best, load_checkpoint(run_dir / "last.pt")["state"]  # the whole run's steps and seconds
 
     grid = []
     for optimizer, lr in args.peer_grid:
-        run_dir, state = trained(optimizer, lr, seeds[0])
-        val = [h["val_ap50"] for h in state["history"] if not math.isnan(h["val_ap50"])]
-        grid.append({"optimizer": optimizer, "lr": lr, "val_ap50": max(val, default=float("nan")),
+        _, state = trained(optimizer, lr, seeds[0])
+        picked = state["best_ap50"]  # best.pt's val AP50; -inf where val picked nothing
+        grid.append({"optimizer": optimizer, "lr": lr, "val_ap50": picked if picked > -math.inf else float("nan"),
                      "steps": state["step"], "train_seconds": state["train_seconds"], "chosen": False})
     best = max(grid, key=lambda g: -math.inf if math.isnan(g["val_ap50"]) else g["val_ap50"])
     best["chosen"] = True
     rows = []
     for seed in seeds:
-        run_dir, state = trained(best["optimizer"], best["lr"], seed)
-        path = run_dir / "score.json"
+        checkpoint, state = trained(best["optimizer"], best["lr"], seed)
+        path = checkpoint.parent / "score.json"
         if not path.is_file():
-            save_json(score(peer.test_records(run_dir / "best.pt", data_dir, str(device)), coco_gt, state), path)
-        rows.append({"label": "peer (tuned)", "seed": seed, "run_dir": str(run_dir), **json.loads(path.read_text())})
+            save_json(score(peer.test_records(checkpoint, data_dir, str(device)), coco_gt, state), path)
+        rows.append({"label": "peer (tuned)", "seed": seed, "run_dir": str(checkpoint.parent),
+                     **json.loads(path.read_text())})
     return rows, grid
 
 

@@ -17,7 +17,8 @@ What is stock (torchvision's models and references/detection/train.py, unchanged
   over min(1000, steps in epoch 1), MultiStepLR x0.1 at epochs 16 and 22 of 26 (scaled to EPOCHS),
   RandomHorizontalFlip(0.5).
 What a careful user adds, as train.py does for ours: val AP50 after every epoch and best.pt, the weights of
-the best val AP50 so far (the latest where there is no val split), which ablate.py tunes and scores.
+the best val AP50 so far (the latest where val picks nothing: no val split, or fewer than MIN_VAL_IMAGES),
+which ablate.py tunes and scores.
 What is shared with ours: the training images (train.py's split, same seed and VAL_FRACTION), the
 input size (the images are handed over at the model's input size, as CellDataset does for ours, so
 no N x H x W float copy of the masks is made; the stock transform then resizes by 1), batch 1, the
@@ -143,10 +144,11 @@ def train_epoch(model, loader, optimizer, state, lr, warmup, deadline, device):
 
 def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, min_size=800, max_size=1333,
                val_fraction=0.1, seed=42, weights_backbone="", device="cpu", log=print, optimizer="sgd", lr=0.0,
-               split_seed=None):
-    """Train the peer (resuming run_dir/last.pt if there); returns the path of best.pt (the best val AP50 so far;
-    without val AP50, the latest weights). seed: initialisation and data order; split_seed (None: seed): the
-    train/val split, as train.py's SPLIT_SEED."""
+               split_seed=None, min_val_images=1):
+    """Train the peer (resuming run_dir/last.pt if there); returns the path of best.pt: the weights of the best val
+    AP50 so far, or the latest where val picks nothing (fewer than min_val_images val images, as train.py's
+    MIN_VAL_IMAGES, or no val AP50). seed: initialisation and data order; split_seed (None: seed): the train/val
+    split, as train.py's SPLIT_SEED."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -173,6 +175,7 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
         torch.set_rng_state(ckpt["rng"])
         generator.set_state(ckpt["loader_rng"])
     coco_gt = evaluate.val_ground_truth(val_set) if len(val_set) else None
+    select = coco_gt is not None and len(val_set) >= min_val_images  # does val AP50 pick best.pt?
     loader = torch.utils.data.DataLoader(train_set, batch_size=1, shuffle=True, collate_fn=collate,
                                          generator=generator)
     budget = minutes * 60
@@ -198,23 +201,25 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
         state["history"].append({"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"],
                                  "train_loss": total / max(steps, 1), "val_ap50": ap50,
                                  "train_seconds": state["train_seconds"]})
-        # as train.py: best.pt = the best val AP50 so far; without a val split, the latest weights
-        improved = coco_gt is None or not best.exists() or (not math.isnan(ap50) and ap50 > state["best_ap50"])
-        if improved and not math.isnan(ap50):
-            state["best_ap50"] = ap50
+        # as train.py: best.pt = the best val AP50 so far; the latest weights until a val AP50 picks one
+        score = -math.inf if math.isnan(ap50) else ap50
+        improved = not select or state["best_ap50"] == -math.inf or score > state["best_ap50"]
+        if select and score > state["best_ap50"]:
+            state["best_ap50"] = score
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "state": state, "rng": torch.get_rng_state(),
                 "loader_rng": generator.get_state(), "epoch": state["epoch"],
                 "config": dict(BACKBONE=backbone, MIN_SIZE=min_size, MAX_SIZE=max_size, PEER=True,
                                WEIGHTS_BACKBONE=weights_backbone, OPTIMIZER=kind, LR=lr, SEED=seed)}
-        save_checkpoint(ckpt, last)
-        if improved:
+        if improved:  # best.pt first: a crash between the two writes reruns this epoch on resume
             save_checkpoint(ckpt, best)
+        save_checkpoint(ckpt, last)
         write_csv(run_dir / "metrics.csv", state["history"], ["epoch", "lr", "train_loss", "val_ap50", "train_seconds"])
         log(f"peer epoch {state['epoch']}: train loss {total / max(steps, 1):.4f}  val AP50 {ap50:.4f}  "
             f"{state['train_seconds']:.0f}s of training" + ("  (best)" if improved else ""))
     if not best.exists():
-        raise SystemExit(f"peer: {run_dir} holds a run finished before the peer kept best.pt; use another run folder")
+        raise SystemExit(f"peer: {run_dir} holds a run finished before the peer kept best.pt; use another run folder"
+                         if last.exists() else f"peer: {run_dir}: no epoch trained (epochs {epochs}), so no best.pt")
     return best
 
 

@@ -362,7 +362,7 @@ def step_schedule(cfg, run, ap50, log):
     Returns True where these weights are the best so far."""
     state = run.state
     ap50 = ap50 if not math.isnan(ap50) else -math.inf
-    improved = ap50 > state["best_ap50"]
+    improved = ap50 > state["best_ap50"] or state["best_ap50"] == -math.inf  # no val AP50 yet: the latest weights
     run.scheduler.step(ap50)
     if improved:
         state["best_ap50"], state["bad_epochs"] = ap50, 0

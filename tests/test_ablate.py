@@ -1,6 +1,7 @@
 """ablate.py on a tiny grid: tables and plot, checkpoints reused for inference-only constants, finished
 runs skipped, interrupted runs continued, a time budget, seeds (mean and spread), the tuned peer chosen on
 val, and a clear error for a bad name."""
+import argparse
 import csv
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ import predict
 import train
 from bench.realistic_data import make_realistic_data
 from conftest import tiny_args
-from utils import load_checkpoint
+from utils import load_checkpoint, save_checkpoint
 
 SHARED = dict(NUM_WORKERS=0, VAL_FRACTION=0.34, WARMUP_ITERS=1, VAL_DETECTIONS_PER_IMAGE=50)
 
@@ -110,7 +111,8 @@ def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small
     grid = [("sgd", 0.00125), ("adamw", 1e-3)]
     rows = ablate.main(["--data-dir", str(real_small), "--out", str(out), "--peer", "--peer-backbone", "resnet18",
                         "--peer-grid", "sgd:0.00125,adamw:1e-3", "--ensemble",
-                        "--seeds", "2", "--minutes", "0.005", "--"] + tiny_args(EPOCHS=5, SEED=7, **SHARED))
+                        "--seeds", "2", "--minutes", "0.005", "--"] + tiny_args(EPOCHS=5, SEED=7, MIN_VAL_IMAGES=1,
+                                                                                **SHARED))
     assert [(r["label"], r["seed"]) for r in rows] == [("base", 7), ("base", 8), ("base + next seed", 7),
                                                        ("peer (tuned)", 7), ("peer (tuned)", 8)]
     # the ensemble row (two seeds: their one pair): both seeds' checkpoints fused; its cost is both runs'
@@ -122,7 +124,7 @@ def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small
     assert runs[7]["val_ids"] == runs[8]["val_ids"]  # the seeds share one split
     # the grid trained with the first seed; the best val AP50 (its best.pt's) picked the setting, never the test images
     grid = {(o, lr): load_checkpoint(out / "peer" / f"{o}-{lr:g}" / "last.pt") for o, lr in grid}
-    val = {k: max(h["val_ap50"] for h in c["state"]["history"]) for k, c in grid.items()}
+    val = {k: c["state"]["best_ap50"] for k, c in grid.items()}
     chosen = max(val, key=val.get)
     assert (out / "peer" / f"{chosen[0]}-{chosen[1]:g}" / "score.json").is_file()
     assert not any((out / "peer" / f"{o}-{lr:g}" / "score.json").is_file() for o, lr in val if (o, lr) != chosen)
@@ -141,14 +143,46 @@ def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small
 
 
 def test_the_peer_keeps_the_weights_of_its_best_val_epoch(real_small, tmp_path, monkeypatch):
-    """As train.py for ours: best.pt is the epoch of the best val AP50, not the last; ablate.py scores it."""
-    scripted = iter([0.1, 0.3, 0.2])
+    """As train.py for ours: best.pt is the epoch of the best val AP50, not the last; a NaN val AP50 picks
+    nothing; with fewer val images than min_val_images, best.pt is the latest weights."""
+    scripted = iter([float("nan"), 0.3, 0.2, 0.1, 0.3])
     monkeypatch.setattr(peer.evaluate, "coco_evaluate", lambda *a, **k: {"ap50": next(scripted)})
-    best = peer.train_peer(real_small, tmp_path / "p", "resnet18", epochs=3, min_size=64, max_size=96,
-                           val_fraction=0.34, seed=0, optimizer="adamw", lr=1e-4, log=lambda *_: None)
+    run = dict(backbone="resnet18", min_size=64, max_size=96, val_fraction=0.34, seed=0, optimizer="adamw", lr=1e-4,
+               log=lambda *_: None)
+    best = peer.train_peer(real_small, tmp_path / "p", epochs=3, **run)
     assert best == tmp_path / "p" / "best.pt"
     assert load_checkpoint(best)["epoch"] == 2 and load_checkpoint(tmp_path / "p" / "last.pt")["epoch"] == 3
     assert load_checkpoint(best)["state"]["best_ap50"] == 0.3
+    best = peer.train_peer(real_small, tmp_path / "p", epochs=4, **run)  # resumed: 0.1 is not better
+    assert load_checkpoint(best)["epoch"] == 2
+    best = peer.train_peer(real_small, tmp_path / "q", epochs=1, min_val_images=99, **run)  # 0.3, but too few images
+    assert load_checkpoint(best)["epoch"] == 1 and load_checkpoint(best)["state"]["best_ap50"] == -math.inf
+
+
+def test_the_peer_grid_is_chosen_on_best_val_ap50_and_scored_from_best_pt(tmp_path, monkeypatch):
+    """The grid point whose best epoch is best wins (not the one with the best final epoch), and the chosen
+    setting's best.pt is what is scored."""
+    histories = {("adamw", 1e-4): [0.5, 0.1], ("adamw", 2e-4): [0.3, 0.3]}
+    scored = []
+
+    def train_peer(data_dir, run_dir, *args, optimizer, lr, **kwargs):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        h = histories[(optimizer, lr)]
+        state = {"epoch": 2, "step": 10, "train_seconds": 1.0, "history": [{"val_ap50": v} for v in h],
+                 "best_ap50": max(h)}
+        save_checkpoint({"model": {}, "config": {}, "state": state}, run_dir / "last.pt")
+        return run_dir / "best.pt"
+
+    monkeypatch.setattr(peer, "train_peer", train_peer)
+    monkeypatch.setattr(peer, "test_records", lambda checkpoint, *a: scored.append(checkpoint) or [])
+    monkeypatch.setattr(ablate, "score", lambda records, coco_gt, state: {"ap50": 0.2})
+    cfg = dict(PRETRAINED=False, PRETRAINED_WEIGHTS="", BACKBONE="resnet18", EPOCHS=2, MIN_SIZE=64, MAX_SIZE=96,
+               VAL_FRACTION=0.2, SPLIT_SEED=42, MIN_VAL_IMAGES=1)
+    args = argparse.Namespace(peer_grid=list(histories), peer_backbone="", minutes=0.0)
+    rows, grid = ablate.run_peer(tmp_path, cfg, args, [1, 2], tmp_path, "cpu", None)
+    assert [g["chosen"] for g in grid] == [True, False] and [g["val_ap50"] for g in grid] == [0.5, 0.3]
+    assert scored == [tmp_path / "peer" / "adamw-0.0001" / "best.pt", tmp_path / "peer" / "adamw-0.0001,seed=2" / "best.pt"]
+    assert [(r["label"], r["seed"], r["ap50"]) for r in rows] == [("peer (tuned)", 1, 0.2), ("peer (tuned)", 2, 0.2)]
 
 
 def test_seeds_aggregate_to_mean_and_spread_and_the_ratio_pairs_seeds():
