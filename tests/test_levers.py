@@ -88,8 +88,26 @@ def test_ema_is_what_best_pt_holds_and_infer_uses(all_levers, demo_dir):
     validation = json.loads((whole / "config.json").read_text())["VALIDATION"]
     opts = predict.predict_options(best["config"], validation)
     metrics, _ = engine.evaluate_model(model, val, "cpu", opts)
-    assert metrics["ap50"] > 0  # a real score, not two zeros
     assert metrics["ap50"] == pytest.approx(best["state"]["history"][best["epoch"] - 1]["val_ap50"], abs=1e-9)
+
+
+def test_validation_scores_the_average(demo_dir, tmp_path, monkeypatch):
+    """The weights validation predicts with are the average that best.pt holds as 'ema', not the trained ones
+    (checked on the weights themselves: after a tiny run both can score AP50 0)."""
+    seen = []
+    validate = engine.validate
+
+    def spy(model, *args):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return validate(model, *args)
+
+    monkeypatch.setattr(engine, "validate", spy)
+    train.main(tiny_args(DATA_DIR=str(demo_dir), RUN_DIR=str(tmp_path / "r"), EPOCHS=1, EMA=0.9, LR=1e-3,
+                         WARMUP_ITERS=2, VAL_FRACTION=0.34, NUM_WORKERS=0, VAL_DETECTIONS_PER_IMAGE=10,
+                         MIN_VAL_IMAGES=1))
+    best = load_checkpoint(tmp_path / "r" / "best.pt")
+    assert len(seen) == 1 and all(torch.equal(seen[0][k], v) for k, v in best["ema"].items())
+    assert any(v.is_floating_point() and not torch.equal(seen[0][k], v) for k, v in best["model"].items())
 
 
 def test_all_levers_resume_to_the_uninterrupted_run(all_levers):
