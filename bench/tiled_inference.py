@@ -5,8 +5,8 @@ forward on every tile, masks for each tile's DETECTIONS_PER_IMAGE, then the core
     python -m bench.tiled_inference --checkpoint runs/x/best.pt --data-dir data/realistic --images 3 --input-scale 1
     python -m bench.tiled_inference --checkpoint runs/x/best.pt --data-dir data/realistic --image-ids 3,14
 
-For each of the --images densest test images that the checkpoint's sizing rule tiles (DATA_DIR/test_gt_coco.json,
-as bench/realistic_data.py writes it): seconds of each way, the boxes the mask head ran on, and whether the two
+For each of the --images densest test images that the checkpoint's sizing rule tiles, or each of --image-ids
+(DATA_DIR/test_gt_coco.json, as bench/realistic_data.py writes it): seconds of each way, the boxes the mask head ran on, and whether the two
 give the same detections and masks. infer.py's prediction constants (DETECTIONS_PER_IMAGE, RPN_PROPOSALS, ...)
 as they stand. Prints the device and, last, the ratio of the one-pass time to ours.
 """
@@ -55,7 +55,7 @@ def main(argv=None):
     ap.add_argument("--checkpoint", required=True)
     ap.add_argument("--data-dir", required=True, help="a dataset with test_gt_coco.json")
     ap.add_argument("--images", type=int, default=2, help="the densest N test images that are tiled")
-    ap.add_argument("--image-ids", default="", help="these test image ids (comma-separated) instead")
+    ap.add_argument("--image-ids", default="", help="these test image ids (comma-separated) instead of --images")
     ap.add_argument("--input-scale", type=float, default=0.0, help="infer.py INPUT_SCALE (0: as trained)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
@@ -69,12 +69,20 @@ def main(argv=None):
     items = [dataset[k] for k in range(len(dataset))]
     items = sorted([(img, meta) for img, meta in items if predict.tiling(img, opts)[1]],
                    key=lambda x: -cells[x[1]["id"]])
-    if args.image_ids:
-        items = [x for x in items if str(x[1]["id"]) in args.image_ids.split(",")]
+    if args.image_ids:  # every id asked for, whatever --images says
+        wanted = [s.strip() for s in args.image_ids.split(",") if s.strip()]
+        unknown = sorted(set(wanted) - {str(i) for i in cells})
+        untiled = sorted(set(wanted) - set(unknown) - {str(meta["id"]) for _, meta in items})
+        if unknown or untiled:
+            raise SystemExit(f"--image-ids: {', '.join(unknown) or '-'} not test image ids of {args.data_dir}; "
+                             f"{', '.join(untiled) or '-'} not tiled by this sizing rule")
+        items = [x for x in items if str(x[1]["id"]) in wanted]
+    else:
+        items = items[:args.images]
     masked = []  # RoIs through the mask head
     model.roi_heads.mask_head.register_forward_hook(lambda module, inputs, output: masked.append(len(output)))
     total_ours = total_one = 0.0
-    for n, (image, meta) in enumerate(items[:args.images]):
+    for n, (image, meta) in enumerate(items):
         image = image.to(device)
         factor, tile = predict.tiling(image, opts)
         ys, xs = predict.tile_grid(image.shape[-2:], tile, opts["overlap"])
