@@ -3,6 +3,7 @@ and validation (loss, then predict + score). train.py wires these; peer.py and t
 call the same train_step, so what they time is what users run (as torchvision's references/detection keep
 engine.py apart from train.py).
 """
+import math
 import time
 
 import torch
@@ -187,6 +188,14 @@ def evaluate_model(model, dataset, device, opts, coco_gt=None, num_workers=0):
     records = to_records(predict_dataset(model, dataset, device, opts, num_workers, desc="validate"),
                          opts["mask_threshold"])
     return evaluate.coco_evaluate(coco_gt, records, max_dets=100), records
+
+
+def best_so_far(ap50, best_ap50):
+    """best.pt's rule (train.py's for ours, peer.py's for the peer): are these weights the best so far, and the
+    best val AP50 now. A NaN val AP50 (val images without cells) counts as none; until one has picked weights,
+    the latest are the best."""
+    score = -math.inf if math.isnan(ap50) else ap50
+    return score > best_ap50 or best_ap50 == -math.inf, max(score, best_ap50)
 
 
 def validate(model, loss_loader, val_set, device, weights, opts, coco_gt):

@@ -201,11 +201,10 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
         state["history"].append({"epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"],
                                  "train_loss": total / max(steps, 1), "val_ap50": ap50,
                                  "train_seconds": state["train_seconds"]})
-        # as train.py: best.pt = the best val AP50 so far; the latest weights until a val AP50 picks one
-        score = -math.inf if math.isnan(ap50) else ap50
-        improved = not select or state["best_ap50"] == -math.inf or score > state["best_ap50"]
-        if select and score > state["best_ap50"]:
-            state["best_ap50"] = score
+        improved, best_ap50 = engine.best_so_far(ap50, state["best_ap50"])  # train.py's rule for best.pt
+        if select:
+            state["best_ap50"] = best_ap50
+        improved = improved or not select  # val picks nothing: the latest weights
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "state": state, "rng": torch.get_rng_state(),
                 "loader_rng": generator.get_state(), "epoch": state["epoch"],

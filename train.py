@@ -361,11 +361,10 @@ def step_schedule(cfg, run, ap50, log):
     """ReduceLROnPlateau and early stopping on the epoch's val AP50 (every process steps the same schedule).
     Returns True where these weights are the best so far."""
     state = run.state
-    ap50 = ap50 if not math.isnan(ap50) else -math.inf
-    improved = ap50 > state["best_ap50"] or state["best_ap50"] == -math.inf  # no val AP50 yet: the latest weights
-    run.scheduler.step(ap50)
+    improved, state["best_ap50"] = engine.best_so_far(ap50, state["best_ap50"])
+    run.scheduler.step(ap50 if not math.isnan(ap50) else -math.inf)
     if improved:
-        state["best_ap50"], state["bad_epochs"] = ap50, 0
+        state["bad_epochs"] = 0
     else:
         state["bad_epochs"] += 1
         if state["bad_epochs"] >= cfg["EARLY_STOP_PATIENCE"]:
