@@ -13,7 +13,8 @@ of its "run" section, or one of infer.py's prediction constants (SCORE_THRESHOLD
 reuse the trained checkpoint). Everything after `--` goes to every train.py run.
 --each trains the levers one at a time against the shared configuration (a 'base' row, then one row per
 value: `--each --vary heads=cascade --vary ema=0.999`) instead of every combination; an inference value is then
-one more row on the base's checkpoints, and --ensemble fuses the base's seeds only.
+one more row on the base's checkpoints, and --ensemble fuses the base's seeds only. --together (with --each) adds
+one row with all the varied training values at once (one value each): each lever alone, then all of them.
 --seeds N trains every row with N seeds (SEED, SEED+1, ...: initialisation, data order and augmentation vary,
 the val split, SPLIT_SEED, stays) and reports mean +- sd of each score.
 --ensemble (with --seeds >= 2) adds a row per configuration (with --each: for the base): each seed's best.pt fused
@@ -249,6 +250,8 @@ def parse_args(argv):
     ap.add_argument("--vary", action="append", default=[], metavar="NAME=v1,v2", help="repeatable")
     ap.add_argument("--each", action="store_true", help="one constant at a time against the shared configuration "
                     "(the 'base' row), instead of every combination; a prediction constant on the base's checkpoints")
+    ap.add_argument("--together", action="store_true", help="with --each: also a row with every varied training "
+                    "constant at once (one value each)")
     ap.add_argument("--seeds", type=int, default=1, help="seeds per row (SEED, SEED+1, ...; the split stays)")
     ap.add_argument("--ensemble", action="store_true", help="with --seeds >= 2: also each seed's checkpoint fused "
                     "with the next seed's (a two-checkpoint ensemble; its cost: both runs)")
@@ -264,18 +267,26 @@ def parse_args(argv):
         raise SystemExit("--ensemble fuses the checkpoints of two seeds: give --seeds 2 or more")
     if args.seeds < 1:
         raise SystemExit("--seeds: at least 1")
+    if args.together and not args.each:
+        raise SystemExit("--together adds the levers' combined row to --each's table: give --each (without it, "
+                         "every combination is trained already)")
     args.own = own
     return args, shared
 
 
-def grids(varied, training, inference, each):
+def grids(varied, training, inference, each, together=False):
     """[(training assignment, its inference assignments)]: every combination, or with `each` the base and each
-    value alone: a training value scored with infer.py's defaults, an inference value on the base's checkpoint."""
+    value alone: a training value scored with infer.py's defaults, an inference value on the base's checkpoint;
+    `together` then adds the training values all at once."""
     train_axes = [(n, v) for n, v in varied if n in training]
     infer_axes = [(n, v) for n, v in varied if n in inference]
+    if together and (len(train_axes) < 2 or any(len(vs) != 1 for _, vs in train_axes)):
+        raise SystemExit("--together combines the varied training constants: give two or more, one value each "
+                         f"(given: {', '.join(f'{n.lower()}={vs}' for n, vs in train_axes) or 'none'})")
     if each:
         return [((), [()] + [((n, v),) for n, vs in infer_axes for v in vs])] + \
-            [(((n, v),), [()]) for n, vs in train_axes for v in vs]
+            [(((n, v),), [()]) for n, vs in train_axes for v in vs] + \
+            ([(tuple((n, vs[0]) for n, vs in train_axes), [()])] if together else [])
     infer_grid = list(itertools.product(*[[(n, v) for v in vs] for n, vs in infer_axes]))
     return [(a, infer_grid) for a in itertools.product(*[[(n, v) for v in vs] for n, vs in train_axes])]
 
@@ -398,7 +409,7 @@ def main(argv=None):
     coco_gt = evaluate.test_ground_truth(data_dir)
     device = pick_device(cfg["DEVICE"])
     seeds = [cfg["SEED"] + i for i in range(args.seeds)]
-    grid_rows = grids(varied, training, inference, args.each)
+    grid_rows = grids(varied, training, inference, args.each, args.together)
     if args.each and cfg["HEADS"] != "cascade" and "CASCADE_SCORE_STAGES" in dict(varied):
         raise SystemExit("--each scores prediction constants on the base, whose HEADS is not cascade: "
                          "CASCADE_SCORE_STAGES would change nothing; vary it without --each and with --heads cascade")

@@ -169,8 +169,9 @@ class HEDJitter(A.ImageOnlyTransform):
         return hed_jitter(img, scale, shift)
 
 
-def train_augmentation(stain=0.0, strength=0.05):
-    """Flips, 90-degree and small free rotations (nearest-neighbour for the label maps), to-gray; with
+def train_augmentation(stain=0.0, strength=0.05, to_gray=0.1):
+    """Flips, 90-degree and small free rotations (nearest-neighbour for the label maps), to-gray with
+    probability to_gray (TO_GRAY; each transform draws from its own seed, so p=0 changes no other draw); with
     stain > 0 also, with that probability, the HED stain jitter of the given strength (HEDJitter) and a
     brightness/contrast change. Pixel-level only: the label maps are never touched by it."""
     steps = [
@@ -179,7 +180,7 @@ def train_augmentation(stain=0.0, strength=0.05):
         A.RandomRotate90(p=0.5),
         A.Rotate(limit=30, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
                  border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.3),
-        A.ToGray(p=0.1),
+        A.ToGray(p=to_gray),
     ]
     if stain > 0:  # absent (not p=0) when off, so the augmentation stream of other runs is unchanged
         steps.insert(4, A.Sequential([HEDJitter(strength, p=1.0),
@@ -302,15 +303,16 @@ class CellDataset(torch.utils.data.Dataset):
 
     jitter (lo, hi) (SCALE_JITTER, training only): the sizing rule's factor times a random factor in
     [lo, hi]; where that input would pass max_size, a random window that fits is cropped first, as for
-    a fixed scale. stain (STAIN_AUG): probability of the stain jitter of train_augmentation, of strength
+    a fixed scale. to_gray (TO_GRAY): probability of a to-gray image. stain (STAIN_AUG): probability of the stain jitter of train_augmentation, of strength
     stain_strength (STAIN_STRENGTH).
     """
 
-    def __init__(self, data_dir, ids, train=False, sizing=None, jitter=(1.0, 1.0), stain=0.0, stain_strength=0.05):
+    def __init__(self, data_dir, ids, train=False, sizing=None, jitter=(1.0, 1.0), to_gray=0.1, stain=0.0,
+                 stain_strength=0.05):
         self.dir = Path(data_dir) / "train"
         self.ids = list(ids)
         self.train = train
-        self.augment = train_augmentation(stain, stain_strength) if train else None
+        self.augment = train_augmentation(stain, stain_strength, to_gray) if train else None
         self.sizing = sizing
         self.jitter = check_jitter(jitter)
 

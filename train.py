@@ -63,6 +63,7 @@ SCALE = 0.0                   # > 0: resize every image by this fixed factor ins
                               # images, inference tiles them (infer.py TILE)
 SCALE_JITTER = [1.0, 1.0]     # [lo, hi]: each training image resized by a random factor in [lo, hi] times the sizing
                               # rule's, then cropped to at most MAX_SIZE ([0.5, 2.0]: the 0.639 entry's); [1, 1] = off
+TO_GRAY = 0.1                 # probability of a to-gray image (the recipe's); 0 = off, where colour tells the classes
 STAIN_AUG = 0.0               # probability of a stain jitter (HED colour space, dataset.HEDJitter) + brightness/contrast
 STAIN_STRENGTH = 0.05         # the jitter's strength s: each stain's concentration times [1-s, 1+s] plus [-s, s]
                               # (optical density, -ln; 0.05 moves the course sample's mean colour <= 20 grey levels)
@@ -144,7 +145,7 @@ def resolve_config(argv=None):
 
 
 def check_levers(cfg):
-    """HEADS, SCALE_JITTER, STAIN_AUG and EMA: a bad value stops before anything is built."""
+    """HEADS, SCALE_JITTER, TO_GRAY, STAIN_AUG and EMA: a bad value stops before anything is built."""
     if cfg["HEADS"] not in HEAD_CLASSES:
         raise SystemExit(f"--heads {cfg['HEADS']!r}: choose one of {', '.join(HEAD_CLASSES)}")
     if cfg["BACKBONE"] == COCO_MODEL and cfg["FPN_CHANNELS"] != 256:
@@ -154,6 +155,8 @@ def check_levers(cfg):
         cfg["SCALE_JITTER"] = list(check_jitter(cfg["SCALE_JITTER"]))
     except ValueError as e:
         raise SystemExit(f"--scale-jitter: {e}") from None
+    if not 0 <= cfg["TO_GRAY"] <= 1:
+        raise SystemExit(f"--to-gray {cfg['TO_GRAY']}: a probability, 0 to 1")
     if not 0 <= cfg["STAIN_AUG"] <= 1:
         raise SystemExit(f"--stain-aug {cfg['STAIN_AUG']}: a probability, 0 to 1")
     if not 0 <= cfg["STAIN_STRENGTH"] < 1:
@@ -230,7 +233,7 @@ def setup_data(cfg, ckpt, rank, world, device, log):
         train_ids, val_ids = split_ids(all_ids, cfg["VAL_FRACTION"], cfg["SPLIT_SEED"])
     sizing = (cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["SCALE"])
     train_set = CellDataset(cfg["DATA_DIR"], train_ids, train=True, sizing=sizing, jitter=cfg["SCALE_JITTER"],
-                            stain=cfg["STAIN_AUG"], stain_strength=cfg["STAIN_STRENGTH"])
+                            to_gray=cfg["TO_GRAY"], stain=cfg["STAIN_AUG"], stain_strength=cfg["STAIN_STRENGTH"])
     loader, sampler, generator = make_train_loader(train_set, cfg, rank, world, device)
     return SimpleNamespace(
         train_ids=train_ids, val_ids=val_ids, loader=loader, sampler=sampler, generator=generator,

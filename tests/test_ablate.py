@@ -106,6 +106,23 @@ def test_ablate_each_lever_alone_against_the_base(real_small, tmp_path, monkeypa
                      "cascade-score-stages=2", "--"] + tiny_args(EPOCHS=1, **SHARED))
 
 
+def test_together_adds_the_levers_combined_after_each_alone():
+    """--each --together: base, each training value alone, then all of them in one row (scored with infer.py's
+    defaults); an inference value stays a row on the base. Several values of a lever, or a single lever, refused."""
+    training, inference = ablate.constants()
+    varied = ablate.parse_vary(["scale=1", "to-gray=0", "class-reserve=0"])
+    rows = ablate.grids(varied, training, inference, each=True, together=True)
+    assert [a for a, _ in rows] == [(), (("SCALE", "1"),), (("TO_GRAY", "0"),), (("SCALE", "1"), ("TO_GRAY", "0"))]
+    assert rows[0][1] == [(), (("CLASS_RESERVE", "0"),)] and rows[-1][1] == [()]
+    assert ablate.run_name(rows[-1][0]) == "scale=1,to-gray=0"
+    assert ablate.flags(rows[-1][0]) == ["--scale", "1", "--to-gray", "0"]
+    for bad in (["scale=1,2", "to-gray=0"], ["scale=1"]):
+        with pytest.raises(SystemExit, match="one value each"):
+            ablate.grids(ablate.parse_vary(bad), training, inference, each=True, together=True)
+    with pytest.raises(SystemExit, match="give --each"):
+        ablate.parse_args(["--data-dir", "d", "--out", "o", "--together", "--vary", "scale=1"])
+
+
 def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small, tmp_path):
     out = tmp_path / "abl"
     grid = [("sgd", 0.00125), ("adamw", 1e-3)]

@@ -132,6 +132,7 @@ def test_all_levers_infer_a_valid_submission(all_levers, demo_dir, tmp_path):
 @pytest.mark.parametrize("flag,value,message", [
     ("--heads", "fancy", "--heads 'fancy'"), ("--scale-jitter", "[2, 1]", "lo <= hi"),
     ("--scale-jitter", "[0.5]", "give \\[lo, hi\\]"), ("--stain-aug", "1.5", "a probability"),
+    ("--to-gray", "-0.1", "a probability"),
     ("--ema", "1.0", "a decay in"), ("--backbone", "torchvision/maskrcnn_resnet50_fpn_v2", "--fpn-channels 256")])
 def test_bad_lever_values_are_refused(flag, value, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -205,6 +206,25 @@ def test_augmentation_transforms_draw_independently():
         out = flips(image=image)["image"]
         seen.add((np.array_equal(out, image[:, ::-1]), np.array_equal(out, image[::-1]), np.array_equal(out, image[::-1, ::-1])))
     assert {(True, False, False), (False, True, False), (False, False, True)} <= seen  # mirrors, not only 180 degrees
+
+
+def test_to_gray_greys_with_its_probability_and_moves_no_other_draw(sample_dir):
+    """Same seed, TO_GRAY 0 and 1: the same geometry (masks, boxes, labels), and the TO_GRAY 1 image is the
+    TO_GRAY 0 image in grey (R = G = B) every time; TO_GRAY 0 never greys the (coloured) course sample."""
+    sizing = (256, 320, 0.0)
+    colour = CellDataset(sample_dir, ["course-sample"], train=True, sizing=sizing, to_gray=0.0)
+    grey = CellDataset(sample_dir, ["course-sample"], train=True, sizing=sizing, to_gray=1.0)
+    for seed in range(6):
+        torch.manual_seed(seed)
+        a_img, a = colour[0]
+        torch.manual_seed(seed)
+        b_img, b = grey[0]
+        assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["boxes"], b["boxes"])
+        assert torch.equal(a["labels"], b["labels"])
+        assert (a_img[0] - a_img[1]).abs().max() > 0.05  # colour kept
+        assert torch.equal(b_img[0], b_img[1]) and torch.equal(b_img[1], b_img[2])
+        luma = 0.299 * a_img[0] + 0.587 * a_img[1] + 0.114 * a_img[2]  # what ToGray's weighted average gives
+        assert (luma - b_img[0]).abs().max() < 2 / 255
 
 
 # ---- stain augmentation --------------------------------------------------------------------------
