@@ -278,11 +278,14 @@ def grids(varied, training, inference, each, together=False):
     """[(training assignment, its inference assignments)]: every combination, or with `each` the base and each
     value alone: a training value scored with infer.py's defaults, an inference value on the base's checkpoint;
     `together` then adds the training values all at once."""
+    if together and not each:
+        raise SystemExit("--together adds a row to --each's: give --each too")
     train_axes = [(n, v) for n, v in varied if n in training]
     infer_axes = [(n, v) for n, v in varied if n in inference]
     if together and (len(train_axes) < 2 or any(len(vs) != 1 for _, vs in train_axes)):
-        raise SystemExit("--together combines the varied training constants: give two or more, one value each "
-                         f"(given: {', '.join(f'{n.lower()}={vs}' for n, vs in train_axes) or 'none'})")
+        given = "; ".join(f"{n.lower().replace('_', '-')}={','.join(vs)}" for n, vs in train_axes) or "none"
+        raise SystemExit(f"--together combines the varied training constants: give two or more, one value each "
+                         f"(given: {given})")
     if each:
         return [((), [()] + [((n, v),) for n, vs in infer_axes for v in vs])] + \
             [(((n, v),), [()]) for n, vs in train_axes for v in vs] + \

@@ -303,12 +303,12 @@ class CellDataset(torch.utils.data.Dataset):
 
     jitter (lo, hi) (SCALE_JITTER, training only): the sizing rule's factor times a random factor in
     [lo, hi]; where that input would pass max_size, a random window that fits is cropped first, as for
-    a fixed scale. to_gray (TO_GRAY): probability of a to-gray image. stain (STAIN_AUG): probability of the stain jitter of train_augmentation, of strength
-    stain_strength (STAIN_STRENGTH).
+    a fixed scale. stain (STAIN_AUG): probability of the stain jitter of train_augmentation, of strength
+    stain_strength (STAIN_STRENGTH). to_gray (TO_GRAY): probability of a to-gray image.
     """
 
-    def __init__(self, data_dir, ids, train=False, sizing=None, jitter=(1.0, 1.0), to_gray=0.1, stain=0.0,
-                 stain_strength=0.05):
+    def __init__(self, data_dir, ids, train=False, sizing=None, jitter=(1.0, 1.0), stain=0.0, stain_strength=0.05,
+                 to_gray=0.1):
         self.dir = Path(data_dir) / "train"
         self.ids = list(ids)
         self.train = train

@@ -63,7 +63,7 @@ SCALE = 0.0                   # > 0: resize every image by this fixed factor ins
                               # images, inference tiles them (infer.py TILE)
 SCALE_JITTER = [1.0, 1.0]     # [lo, hi]: each training image resized by a random factor in [lo, hi] times the sizing
                               # rule's, then cropped to at most MAX_SIZE ([0.5, 2.0]: the 0.639 entry's); [1, 1] = off
-TO_GRAY = 0.1                 # probability of a to-gray image (the recipe's); 0 = off, where colour tells the classes
+TO_GRAY = 0.1                 # probability of a to-gray image (the recipe's 10%); 0 = off, where colour tells classes apart
 STAIN_AUG = 0.0               # probability of a stain jitter (HED colour space, dataset.HEDJitter) + brightness/contrast
 STAIN_STRENGTH = 0.05         # the jitter's strength s: each stain's concentration times [1-s, 1+s] plus [-s, s]
                               # (optical density, -ln; 0.05 moves the course sample's mean colour <= 20 grey levels)

@@ -117,8 +117,11 @@ def test_together_adds_the_levers_combined_after_each_alone():
     assert ablate.run_name(rows[-1][0]) == "scale=1,to-gray=0"
     assert ablate.flags(rows[-1][0]) == ["--scale", "1", "--to-gray", "0"]
     for bad in (["scale=1,2", "to-gray=0"], ["scale=1"]):
-        with pytest.raises(SystemExit, match="one value each"):
+        with pytest.raises(SystemExit, match="one value each") as refused:
             ablate.grids(ablate.parse_vary(bad), training, inference, each=True, together=True)
+        assert "scale=1" in str(refused.value)  # the flags as the user typed them
+    with pytest.raises(SystemExit, match="give --each"):
+        ablate.grids(varied, training, inference, each=False, together=True)
     with pytest.raises(SystemExit, match="give --each"):
         ablate.parse_args(["--data-dir", "d", "--out", "o", "--together", "--vary", "scale=1"])
 

@@ -133,6 +133,7 @@ def test_all_levers_infer_a_valid_submission(all_levers, demo_dir, tmp_path):
     ("--heads", "fancy", "--heads 'fancy'"), ("--scale-jitter", "[2, 1]", "lo <= hi"),
     ("--scale-jitter", "[0.5]", "give \\[lo, hi\\]"), ("--stain-aug", "1.5", "a probability"),
     ("--to-gray", "-0.1", "a probability"),
+    ("--to-gray", "1.5", "a probability"),
     ("--ema", "1.0", "a decay in"), ("--backbone", "torchvision/maskrcnn_resnet50_fpn_v2", "--fpn-channels 256")])
 def test_bad_lever_values_are_refused(flag, value, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -225,6 +226,26 @@ def test_to_gray_greys_with_its_probability_and_moves_no_other_draw(sample_dir):
         assert torch.equal(b_img[0], b_img[1]) and torch.equal(b_img[1], b_img[2])
         luma = 0.299 * a_img[0] + 0.587 * a_img[1] + 0.114 * a_img[2]  # what ToGray's weighted average gives
         assert (luma - b_img[0]).abs().max() < 2 / 255
+
+
+def test_to_gray_at_a_drawing_probability_greys_that_share_and_leaves_the_rest_alone():
+    """TO_GRAY 0.5 (a probability that draws, unlike 0 and 1): about half the images grey, and every image
+    has the geometry of the same seed at TO_GRAY 0 (the to-gray draw moves no other transform's)."""
+    from dataset import seed_augmentation, train_augmentation
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    mask = rng.integers(0, 4, (12, 16), dtype=np.uint8)
+    never, half = train_augmentation(to_gray=0.0), train_augmentation(to_gray=0.5)
+    grey = 0
+    for seed in range(200):
+        seed_augmentation(never, seed)
+        seed_augmentation(half, seed)
+        a, b = never(image=image, mask=mask), half(image=image, mask=mask)
+        assert np.array_equal(a["mask"], b["mask"])
+        is_grey = bool((b["image"][..., 0] == b["image"][..., 1]).all() and (b["image"][..., 1] == b["image"][..., 2]).all())
+        assert is_grey or np.array_equal(a["image"], b["image"])
+        grey += is_grey
+    assert 70 <= grey <= 130, grey
 
 
 # ---- stain augmentation --------------------------------------------------------------------------
