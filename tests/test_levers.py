@@ -209,19 +209,26 @@ def test_augmentation_transforms_draw_independently():
     assert {(True, False, False), (False, True, False), (False, False, True)} <= seen  # mirrors, not only 180 degrees
 
 
+def same_geometry(a_set, b_set, seeds):
+    """Yield (a image, b image) of item 0 of two datasets drawn with the same torch seed, asserting that the
+    two agree on masks, boxes, labels and image shape (a pixel-only lever moves no geometric draw)."""
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        a_img, a = a_set[0]
+        torch.manual_seed(seed)
+        b_img, b = b_set[0]
+        assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["boxes"], b["boxes"])
+        assert torch.equal(a["labels"], b["labels"]) and a_img.shape == b_img.shape
+        yield a_img, b_img
+
+
 def test_to_gray_greys_with_its_probability_and_moves_no_other_draw(sample_dir):
     """Same seed, TO_GRAY 0 and 1: the same geometry (masks, boxes, labels), and the TO_GRAY 1 image is the
     TO_GRAY 0 image in grey (R = G = B) every time; TO_GRAY 0 never greys the (coloured) course sample."""
     sizing = (256, 320, 0.0)
     colour = CellDataset(sample_dir, ["course-sample"], train=True, sizing=sizing, to_gray=0.0)
     grey = CellDataset(sample_dir, ["course-sample"], train=True, sizing=sizing, to_gray=1.0)
-    for seed in range(6):
-        torch.manual_seed(seed)
-        a_img, a = colour[0]
-        torch.manual_seed(seed)
-        b_img, b = grey[0]
-        assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["boxes"], b["boxes"])
-        assert torch.equal(a["labels"], b["labels"])
+    for a_img, b_img in same_geometry(colour, grey, seeds=6):
         assert (a_img[0] - a_img[1]).abs().max() > 0.05  # colour kept
         assert torch.equal(b_img[0], b_img[1]) and torch.equal(b_img[1], b_img[2])
         luma = 0.299 * a_img[0] + 0.587 * a_img[1] + 0.114 * a_img[2]  # what ToGray's weighted average gives
@@ -255,13 +262,7 @@ def test_stain_augmentation_changes_pixels_not_masks(sample_dir):
     plain = CellDataset(sample_dir, ["course-sample"], train=True, sizing=sizing)
     stained = CellDataset(sample_dir, ["course-sample"], train=True, sizing=sizing, stain=1.0)
     changed = 0
-    for seed in range(4):
-        torch.manual_seed(seed)
-        a_img, a = plain[0]
-        torch.manual_seed(seed)
-        b_img, b = stained[0]
-        assert torch.equal(a["masks"], b["masks"]) and torch.equal(a["boxes"], b["boxes"])
-        assert torch.equal(a["labels"], b["labels"]) and a_img.shape == b_img.shape
+    for a_img, b_img in same_geometry(plain, stained, seeds=4):
         changed += (a_img - b_img).abs().mean().item() > 0.01
     assert changed >= 3  # ToGray (p 0.1) may grey both alike
 
