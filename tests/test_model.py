@@ -126,10 +126,21 @@ def test_training_defaults_follow_the_backbone_start_or_refuse(tmp_path):
     run = ["--run-dir", str(tmp_path / "r")]
     cfg, _ = train.resolve_config(run + ["--pretrained", "false"])
     assert cfg["FREEZE_BN"] == "auto" and cfg["LR"] == train.AUTO_LR["scratch"] == 2e-4
+    assert cfg["SCALE"] == train.AUTO_SCALE["scratch"] == 1.0  # from scratch: every cell at its own size
     cfg, _ = train.resolve_config(run + ["--pretrained", "true"])
     assert cfg["LR"] == train.AUTO_LR["pretrained"] == 5e-5
-    cfg, _ = train.resolve_config(run + ["--pretrained", "false", "--lr", "1e-3", "--freeze-bn", "false"])
-    assert cfg["LR"] == 1e-3 and cfg["FREEZE_BN"] is False
+    assert cfg["SCALE"] == train.AUTO_SCALE["pretrained"] == 0.0  # the recipe's MIN_SIZE/MAX_SIZE sizing
+    cfg, _ = train.resolve_config(run + ["--pretrained-weights", "w.safetensors", "--pretrained", "false"])
+    assert cfg["SCALE"] == 0.0  # a local weights file is a pretrained start too
+    cfg, _ = train.resolve_config(run + ["--pretrained", "false", "--lr", "1e-3", "--freeze-bn", "false",
+                                         "--scale", "0"])
+    assert cfg["LR"] == 1e-3 and cfg["FREEZE_BN"] is False and cfg["SCALE"] == 0.0
+    cfg, _ = train.resolve_config(run + ["--pretrained", "true", "--scale", "2"])
+    assert cfg["SCALE"] == 2.0
+    with pytest.raises(SystemExit, match="a number or auto"):
+        train.resolve_config(run + ["--scale", "big"])
+    with pytest.raises(SystemExit, match="--scale -1: a factor > 0"):
+        train.resolve_config(run + ["--scale", "-1"])
     with pytest.raises(SystemExit, match="--freeze-bn auto"):
         train.resolve_config(run + ["--pretrained", "false", "--freeze-bn", "true"])
     with pytest.raises(SystemExit, match="auto, true or false"):
