@@ -417,7 +417,7 @@ def main(argv=None):
         raise SystemExit("--each scores prediction constants on the base, whose HEADS is not cascade: "
                          "CASCADE_SCORE_STAGES would change nothing; vary it without --each and with --heads cascade")
     check_settings(out, {"data_dir": str(data_dir), "minutes": args.minutes, "shared": shared, "seeds": args.seeds,
-                         "scoring": SCORING})
+                         "scoring": SCORING, "scale": cfg["SCALE"]})  # the base's SCALE as resolved (auto: by start)
     t_start, rows, grid = time.time(), [], []
     names = [n for n, _ in varied]
     for i, (assignment, infer_grid) in enumerate(grid_rows, start=1):

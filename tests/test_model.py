@@ -137,6 +137,8 @@ def test_training_defaults_follow_the_backbone_start_or_refuse(tmp_path):
     assert cfg["LR"] == 1e-3 and cfg["FREEZE_BN"] is False and cfg["SCALE"] == 0.0
     cfg, _ = train.resolve_config(run + ["--pretrained", "true", "--scale", "2"])
     assert cfg["SCALE"] == 2.0
+    cfg, _ = train.resolve_config(run + ["--demo", "true"])
+    assert cfg["SCALE"] == 1.0  # the demo trains from scratch
     with pytest.raises(SystemExit, match="a number or auto"):
         train.resolve_config(run + ["--scale", "big"])
     with pytest.raises(SystemExit, match="--scale -1: a factor > 0"):
