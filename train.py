@@ -311,21 +311,18 @@ def write_run_files(cfg, run, data):
 
 
 def log_start(cfg, run, data, device, world, log):
+    start = "pretrained" if cfg["PRETRAINED"] or cfg["PRETRAINED_WEIGHTS"] else "scratch"
+    auto = {name: f" (= {name} auto's for a {'pretrained' if start == 'pretrained' else 'random'} backbone)"
+            if cfg[name] == table[start] else "" for name, table in (("LR", AUTO_LR), ("SCALE", AUTO_SCALE))}
     log(f"run {cfg['RUN_DIR']}: {len(data.train_ids)} train / {len(data.val_ids)} val images, backbone "
         f"{cfg['BACKBONE']}, device {device}" + (f" x {world} processes (DDP)" if world > 1 else "")
         + f", AMP {str(run.dtype).replace('torch.', '') if run.dtype else 'off'} ({run.amp_why}), input "
         + (f"x{cfg['SCALE']:g} (random {int(cfg['MAX_SIZE'] / cfg['SCALE'])}-px crops of larger images)"
-           if cfg["SCALE"] > 0 else f"MIN_SIZE {cfg['MIN_SIZE']}") + f", at most {cfg['MAX_SIZE']} px a side")
-    start = "pretrained" if cfg["PRETRAINED"] or cfg["PRETRAINED_WEIGHTS"] else "scratch"
+           if cfg["SCALE"] > 0 else f"MIN_SIZE {cfg['MIN_SIZE']}")
+        + f"{auto['SCALE']}, at most {cfg['MAX_SIZE']} px a side")
     log(f"{freeze_bn_setting(cfg)[1]}"
         + (f"; FPN BatchNorm {'frozen' if cfg['FREEZE_FPN_BN'] else 'live'}" if cfg["BACKBONE"] == COCO_MODEL else "")
-        + f"; LR {cfg['LR']:g}"
-        + (f" (LR auto's rate for a {'pretrained' if start == 'pretrained' else 'random'} backbone)"
-           if cfg["LR"] == AUTO_LR[start] else "")
-        + f"; SCALE {cfg['SCALE']:g} (" + ("the MIN_SIZE/MAX_SIZE rule" if cfg["SCALE"] == 0 else
-                                          "each cell at its own size; larger images tiled at test time")
-        + (f", = SCALE auto's for a {'pretrained' if start == 'pretrained' else 'random'} backbone"
-           if cfg["SCALE"] == AUTO_SCALE[start] else "") + ")")
+        + f"; LR {cfg['LR']:g}{auto['LR']}")
     if len(data.val_set) and len(data.val_set) < cfg["MIN_VAL_IMAGES"]:
         log(f"val split of {len(data.val_set)} image(s) < MIN_VAL_IMAGES {cfg['MIN_VAL_IMAGES']}: its AP50 is logged "
             "but picks nothing (best.pt = the latest weights, fixed LR, no early stop)")

@@ -53,9 +53,8 @@ def measure(cfg, data_dir, ids, args, device, stock=False):
         weights, grad_clip, decay = peer.STOCK_WEIGHTS, 0.0, 0.0
     else:
         model = build_model(cfg, load_pretrained=False)
-        data = CellDataset(data_dir, ids, train=True, sizing=sizing, jitter=cfg["SCALE_JITTER"], to_gray=cfg["TO_GRAY"],
-                           stain=cfg["STAIN_AUG"],
-                           stain_strength=cfg["STAIN_STRENGTH"])
+        data = CellDataset(data_dir, ids, train=True, sizing=sizing, jitter=cfg["SCALE_JITTER"], stain=cfg["STAIN_AUG"],
+                           stain_strength=cfg["STAIN_STRENGTH"], to_gray=cfg["TO_GRAY"])
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                       weight_decay=cfg["WEIGHT_DECAY"])
         weights = losses.preset_weights(cfg["LOSSES"], cfg["LOSS_WEIGHTS"])
