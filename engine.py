@@ -118,18 +118,35 @@ def train_step(model, images, targets, optimizer, weights, scaler=None, dtype=No
     return loss, loss_dict
 
 
-def warm_up(optimizer, step, warmup):
-    """Linear warm-up of every group's LR from 0.001x to its initial_lr over `warmup` steps."""
-    if step < warmup:
-        for g in optimizer.param_groups:
-            g["lr"] = g["initial_lr"] * (0.001 + 0.999 * (step + 1) / warmup)
+def set_lr(optimizer, step, warmup, progress=None):
+    """Every group's LR at this step, as a factor of its initial_lr: a linear warm-up from 0.001x over `warmup`
+    steps; with progress (SCHEDULE cosine: the share of the run's budget used, 0 to 1) times
+    0.5 (1 + cos(pi progress)) at every step, so the LR reaches 0 where the budget ends. Without progress
+    (plateau) the LR is left to the plateau scheduler once warmed up."""
+    if progress is None and step >= warmup:
+        return
+    factor = 0.001 + 0.999 * (step + 1) / warmup if step < warmup else 1.0
+    if progress is not None:
+        factor *= 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    for g in optimizer.param_groups:
+        g["lr"] = g["initial_lr"] * factor
+
+
+def budget_used(cfg, step, steps_per_epoch, deadline, device):
+    """SCHEDULE cosine's progress: the larger share of the two budgets used, EPOCHS x steps_per_epoch steps and
+    MAX_MINUTES of training (deadline: when it ends), the same on every process (the LR must not differ)."""
+    used = step / max(cfg["EPOCHS"] * steps_per_epoch, 1)
+    if deadline is not None and cfg["MAX_MINUTES"] > 0:
+        used = max(used, 1 - (deadline - time.time()) / (cfg["MAX_MINUTES"] * 60))
+    return ddp.max_over_ranks(used, device)
 
 
 def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None, deadline=None,
                     ema=None):
     """One pass over the training split with train_step; returns the mean of each loss term and the number
     of steps skipped (non-finite loss). Under DDP the figures are over all processes. deadline: a time.time()
-    at which the epoch ends early (MAX_MINUTES), on all processes alike. cfg: WARMUP_ITERS, GRAD_CLIP, EPOCHS."""
+    at which the epoch ends early (MAX_MINUTES), on all processes alike. cfg: WARMUP_ITERS, SCHEDULE, GRAD_CLIP,
+    EPOCHS, MAX_MINUTES."""
     device = torch.device(device)
     model.train()
     sums, steps, skipped_in_a_row, skipped = {}, 0, 0, 0
@@ -140,7 +157,9 @@ def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scale
     for images, targets in bar:
         if deadline is not None and not ddp.all_ranks_agree(time.time() < deadline, device):
             break
-        warm_up(optimizer, state["step"], warmup)  # the plateau scheduler acts after it, per epoch
+        progress = budget_used(cfg, state["step"], len(loader), deadline, device) if cfg["SCHEDULE"] == "cosine" \
+            else None  # plateau: the scheduler acts after the warm-up, per epoch
+        set_lr(optimizer, state["step"], warmup, progress)
         images, targets = to_device(images, targets, device)
         state["step"] += 1
         loss, loss_dict = train_step(model, images, targets, optimizer, weights, scaler, dtype, cfg["GRAD_CLIP"], ema,

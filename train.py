@@ -77,8 +77,10 @@ LR = "auto"                   # AdamW learning rate; auto: 5e-5 (the recipe's fi
                               # weights, 2e-4 for a backbone from scratch
 WEIGHT_DECAY = 1e-3           # AdamW weight decay
 WARMUP_ITERS = 500            # linear warm-up from LR/1000 (capped at one epoch)
-LR_PATIENCE = 2               # ReduceLROnPlateau on val AP50 ...
-LR_FACTOR = 0.5               # ... multiplies the LR by this
+SCHEDULE = "plateau"          # LR after the warm-up. plateau: the recipe's ReduceLROnPlateau (LR_PATIENCE, LR_FACTOR);
+                              # cosine: a half cosine from LR to 0 over the budget (EPOCHS, or MAX_MINUTES where sooner)
+LR_PATIENCE = 2               # SCHEDULE plateau: when val AP50 has not improved for this many epochs ...
+LR_FACTOR = 0.5               # ... the LR is multiplied by this
 EARLY_STOP_PATIENCE = 7       # stop after this many epochs without a better val AP50
 GRAD_CLIP = 10.0              # max gradient norm; 0 = off
 EMA = 0.0                     # decay of an exponential moving average of the weights (timm ModelEmaV3, warm-up aware),
@@ -115,6 +117,7 @@ AUTO_LR = {"pretrained": 5e-5, "scratch": 2e-4}  # LR "auto" (from scratch, a re
 # each cell at its own size (README's resnet18 at MAX_SIZE 512 against MIN_SIZE/MAX_SIZE 384/512, 10 minutes a run,
 # 6 seeds: test AP50 +0.068 ± 0.052 seed by seed, better on 5 of 6; not measured at 800/1333)
 AUTO_SCALE = {"pretrained": 0.0, "scratch": 1.0}
+SCHEDULES = ("plateau", "cosine")
 METRIC_FIELDS = ["epoch", "lr", "train_loss", *losses.LOSS_TERMS, "val_loss", "val_ap50", "val_ap",
                  "skipped_steps", "epoch_seconds", "train_seconds", "ema_decay"]
 
@@ -153,7 +156,7 @@ def resolve_config(argv=None):
 
 
 def check_levers(cfg):
-    """HEADS, SCALE, SCALE_JITTER, TO_GRAY, STAIN_AUG and EMA: a bad value stops before anything is built."""
+    """HEADS, SCALE, SCALE_JITTER, TO_GRAY, STAIN_AUG, EMA and SCHEDULE: a bad value stops before anything is built."""
     if cfg["HEADS"] not in HEAD_CLASSES:
         raise SystemExit(f"--heads {cfg['HEADS']!r}: choose one of {', '.join(HEAD_CLASSES)}")
     if cfg["BACKBONE"] == COCO_MODEL and cfg["FPN_CHANNELS"] != 256:
@@ -173,6 +176,8 @@ def check_levers(cfg):
         raise SystemExit(f"--stain-strength {cfg['STAIN_STRENGTH']}: 0 (no jitter) to below 1 (default 0.05)")
     if not 0 <= cfg["EMA"] < 1:
         raise SystemExit(f"--ema {cfg['EMA']}: a decay in [0, 1), e.g. 0.999 (0 = off)")
+    if cfg["SCHEDULE"] not in SCHEDULES:
+        raise SystemExit(f"--schedule {cfg['SCHEDULE']!r}: choose one of {', '.join(SCHEDULES)}")
 
 
 def resolve_training_defaults(cfg, fresh=True, forced_now=False):
@@ -322,10 +327,13 @@ def log_start(cfg, run, data, device, world, log):
         + f"{auto['SCALE']}, at most {cfg['MAX_SIZE']} px a side")
     log(f"{freeze_bn_setting(cfg)[1]}"
         + (f"; FPN BatchNorm {'frozen' if cfg['FREEZE_FPN_BN'] else 'live'}" if cfg["BACKBONE"] == COCO_MODEL else "")
-        + f"; LR {cfg['LR']:g}{auto['LR']}")
+        + f"; LR {cfg['LR']:g}{auto['LR']}, "
+        + ("cosine to 0 over the budget" if cfg["SCHEDULE"] == "cosine" else
+           f"x{cfg['LR_FACTOR']:g} after {cfg['LR_PATIENCE']} epochs without a better val AP50"))
     if len(data.val_set) and len(data.val_set) < cfg["MIN_VAL_IMAGES"]:
         log(f"val split of {len(data.val_set)} image(s) < MIN_VAL_IMAGES {cfg['MIN_VAL_IMAGES']}: its AP50 is logged "
-            "but picks nothing (best.pt = the latest weights, fixed LR, no early stop)")
+            "but picks nothing (best.pt = the latest weights, " + ("no plateau halving" if cfg["SCHEDULE"] == "plateau"
+                                                                   else "the cosine goes on") + ", no early stop)")
 
 
 # ---- the fit loop --------------------------------------------------------------------------------
@@ -374,11 +382,12 @@ def fit(cfg, run, data, device, log):
 
 
 def step_schedule(cfg, run, ap50, log):
-    """ReduceLROnPlateau and early stopping on the epoch's val AP50 (every process steps the same schedule).
-    Returns True where these weights are the best so far."""
+    """ReduceLROnPlateau (SCHEDULE plateau; cosine sets the LR step by step) and early stopping on the epoch's
+    val AP50 (every process steps the same schedule). Returns True where these weights are the best so far."""
     state = run.state
     improved, state["best_ap50"] = engine.best_so_far(ap50, state["best_ap50"])
-    run.scheduler.step(ap50 if not math.isnan(ap50) else -math.inf)
+    if cfg["SCHEDULE"] == "plateau":
+        run.scheduler.step(ap50 if not math.isnan(ap50) else -math.inf)
     if improved:
         state["bad_epochs"] = 0
     else:

@@ -249,7 +249,8 @@ class CheckpointError(RuntimeError):
 # this is the value that run trained with. Filled in by load_checkpoint, the one place an old checkpoint is
 # read (the model's constants added after the first checkpoints; the others resume with today's defaults).
 CONFIG_BEFORE_IT_EXISTED = dict(HEADS="standard", SCALE=0.0, SCALE_JITTER=[1.0, 1.0], STAIN_AUG=0.0, EMA=0.0,
-                               STAIN_STRENGTH=0.05, FREEZE_FPN_BN=False, TO_GRAY=0.1)
+                               STAIN_STRENGTH=0.05, FREEZE_FPN_BN=False, TO_GRAY=0.1,
+                               SCHEDULE="plateau")
 
 
 def load_checkpoint(path, map_location="cpu"):

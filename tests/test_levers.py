@@ -54,6 +54,43 @@ def test_ema_follows_its_warm_up_rule_step_by_step(demo_dir):
     assert moved  # after three steps the average is not the weights
 
 
+# ---- SCHEDULE cosine --------------------------------------------------------------------------------
+def test_cosine_lr_warms_up_then_anneals_to_zero_over_the_budget(monkeypatch):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    opt.param_groups[0]["initial_lr"] = 1.0
+    lr = lambda: opt.param_groups[0]["lr"]  # noqa: E731
+    engine.set_lr(opt, 0, 4, progress=0.0)
+    assert lr() == pytest.approx(0.001 + 0.999 / 4)  # warm-up, times cos(0) = 1
+    for progress, factor in ((0.0, 1.0), (0.5, 0.5), (0.75, 0.5 * (1 - 2 ** -0.5)), (1.0, 0.0), (1.3, 0.0)):
+        engine.set_lr(opt, 10, 4, progress)
+        assert lr() == pytest.approx(factor, abs=1e-12), progress
+    opt.param_groups[0]["lr"] = 0.25  # plateau: once warmed up the scheduler's LR stands
+    engine.set_lr(opt, 10, 4)
+    assert lr() == 0.25
+    # progress: the larger share used of EPOCHS x steps per epoch and of MAX_MINUTES (deadline = when it ends)
+    cfg = {"EPOCHS": 10, "MAX_MINUTES": 1.0}
+    monkeypatch.setattr(engine.time, "time", lambda: 1000.0)
+    assert engine.budget_used(cfg, 25, 5, None, "cpu") == pytest.approx(0.5)
+    assert engine.budget_used(cfg, 5, 5, 1000.0 + 15, "cpu") == pytest.approx(0.75)  # 45 of 60 s used
+    assert engine.budget_used(cfg, 40, 5, 1000.0 + 45, "cpu") == pytest.approx(0.8)  # the steps' share is larger
+    assert engine.budget_used(dict(cfg, MAX_MINUTES=0.0), 5, 5, 1000.0 + 15, "cpu") == pytest.approx(0.1)
+
+
+def test_cosine_run_logs_the_annealed_lr_and_refuses_an_unknown_schedule(demo_dir, tmp_path):
+    run = tmp_path / "cosine"
+    train.main(tiny_args(DATA_DIR=str(demo_dir), RUN_DIR=str(run), EPOCHS=2, LR=1e-3, WARMUP_ITERS=1,
+                         SCHEDULE="cosine", LR_PATIENCE=0, VAL_FRACTION=0.34, NUM_WORKERS=0,
+                         VAL_DETECTIONS_PER_IMAGE=10, MIN_VAL_IMAGES=1))
+    ckpt = load_checkpoint(run / "last.pt")
+    n = ckpt["state"]["step"] // 2  # steps an epoch
+    logged = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").read_text().splitlines())]
+    # each epoch's last step set its LR from the steps before it; LR_PATIENCE 0 would have halved it under plateau
+    assert logged == pytest.approx([1e-3 * 0.5 * (1 + np.cos(np.pi * (e * n - 1) / (2 * n))) for e in (1, 2)])
+    assert ckpt["config"]["SCHEDULE"] == "cosine"
+    with pytest.raises(SystemExit, match="--schedule 'step'"):
+        train.resolve_config(tiny_args(DATA_DIR=str(demo_dir), RUN_DIR=str(tmp_path / "x"), SCHEDULE="step"))
+
+
 TINY_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")
 
 
