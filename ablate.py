@@ -20,7 +20,8 @@ the val split, SPLIT_SEED, stays) and reports mean +- sd of each score.
 --ensemble (with --seeds >= 2) adds a row per configuration (with --each: for the base): each seed's best.pt fused
 with the next seed's (infer.py --checkpoint a,b: detections fused as TTA's), its steps and seconds the two runs' sums.
 --peer adds torchvision's stock Mask R-CNN (peer.py), tuned as a user would: each optimiser setting of
-peer.GRID (or --peer-grid) trains with the first seed and the same budget, the best val AP50 picks one (the test images
+peer.GRID (or --peer-grid: optimiser, LR and, optionally, the schedule: the references' multistep or cosine over
+the budget, as ours with --schedule cosine) trains with the first seed and the same budget, the best val AP50 picks one (the test images
 are never looked at for it), and that setting trains with every seed: the "peer (tuned)" row, and the ratio
 of each row's test AP50 to it, seed by seed. Both sides are scored from best.pt, the epoch of their best val AP50
 (the latest weights where val picks nothing: fewer than MIN_VAL_IMAGES val images).
@@ -215,9 +216,10 @@ def markdown(rows, varied_names, header, grid):
         lines.append("| " + " | ".join(cells) + " |")
     if grid:
         lines += ["", "The peer's optimiser grid (first seed, same budget), chosen on val AP50 (its best epoch's):", "",
-                  "| optimiser | lr | val AP50 | steps | train s | |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| optimiser | lr | schedule | val AP50 | steps | train s | |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for g in grid:
-            lines.append(f"| {g['optimizer']} | {g['lr']:g} | {fmt(g['val_ap50'])} | {g['steps']} | "
+            lines.append(f"| {g['optimizer']} | {g['lr']:g} | {g['schedule']} | {fmt(g['val_ap50'])} | {g['steps']} | "
                          f"{g['train_seconds']:.0f} | {'chosen' if g['chosen'] else ''} |")
     return "\n".join(lines) + "\n"
 
@@ -257,8 +259,9 @@ def parse_args(argv):
                     "with the next seed's (a two-checkpoint ensemble; its cost: both runs)")
     ap.add_argument("--peer", action="store_true", help="add torchvision's stock Mask R-CNN (peer.py), its "
                     "optimiser chosen on val from peer.GRID")
-    ap.add_argument("--peer-grid", default="", metavar="OPT:LR,...",
-                    help="the peer's optimiser settings to try, e.g. adamw:1e-4,adamw:2e-4,sgd:0.01 (default: peer.GRID)")
+    ap.add_argument("--peer-grid", default="", metavar="OPT:LR[:SCHEDULE],...",
+                    help="the peer's optimiser settings to try, e.g. adamw:1e-4,adamw:2e-4:cosine,sgd:0.01 (schedule: "
+                         "multistep, the references', or cosine over the budget; default: peer.GRID)")
     ap.add_argument("--peer-backbone", default="", help="the peer's torchvision ResNet (default: ours' BACKBONE)")
     ap.add_argument("--minutes", type=float, default=0.0, help="training minutes per run (MAX_MINUTES)")
     args = ap.parse_args(own)
@@ -341,16 +344,20 @@ def scored_rows(run_dirs, label, seed, assignment, infer_grid, inference, data_d
 
 
 def parse_peer_grid(text):
-    """'adamw:1e-4,sgd:0.01' -> [("adamw", 1e-4), ("sgd", 0.01)]; a bad entry stops with the form expected."""
+    """'adamw:1e-4,sgd:0.01:cosine' -> [("adamw", 1e-4, "multistep"), ("sgd", 0.01, "cosine")]; a bad entry
+    stops with the form expected."""
     grid = []
     for item in text.split(","):
-        optimizer, _, lr = item.strip().partition(":")
+        parts = [p.strip().lower() for p in item.split(":")]
         try:
-            grid.append((optimizer.strip().lower(), float(lr)))
+            if len(parts) not in (2, 3):
+                raise ValueError
+            grid.append((parts[0], float(parts[1]), parts[2] if len(parts) == 3 else peer.SCHEDULES[0]))
         except ValueError:
-            raise SystemExit(f"--peer-grid {item!r}: expected OPTIMIZER:LR, e.g. adamw:2e-4") from None
-        if grid[-1][0] not in peer.OPTIMIZERS or grid[-1][1] <= 0:
-            raise SystemExit(f"--peer-grid {item!r}: optimizer one of {', '.join(peer.OPTIMIZERS)}, lr > 0")
+            raise SystemExit(f"--peer-grid {item!r}: expected OPTIMIZER:LR[:SCHEDULE], e.g. adamw:2e-4") from None
+        if grid[-1][0] not in peer.OPTIMIZERS or grid[-1][1] <= 0 or grid[-1][2] not in peer.SCHEDULES:
+            raise SystemExit(f"--peer-grid {item!r}: optimizer one of {', '.join(peer.OPTIMIZERS)}, lr > 0, "
+                             f"schedule (optional) one of {', '.join(peer.SCHEDULES)}")
     return grid
 
 
@@ -374,26 +381,27 @@ def run_peer(out, cfg, args, seeds, data_dir, device, coco_gt):
         raise SystemExit("--peer never downloads: with pretrained weights, give them as a local file "
                          "(--pretrained-weights FILE after --), or train both from scratch")
 
-    def trained(optimizer, lr, seed):
-        run_dir = out / "peer" / (f"{optimizer}-{lr:g}" + (f",seed={seed}" if seed != seeds[0] else ""))
-        print(f"[ablate] peer {optimizer} lr {lr:g}, seed {seed}", flush=True)
+    def trained(optimizer, lr, schedule, seed):
+        name = f"{optimizer}-{lr:g}" + ("" if schedule == peer.SCHEDULES[0] else f"-{schedule}")
+        run_dir = out / "peer" / (name + (f",seed={seed}" if seed != seeds[0] else ""))
+        print(f"[ablate] peer {optimizer} lr {lr:g} ({schedule}), seed {seed}", flush=True)
         best = peer.train_peer(data_dir, run_dir, args.peer_backbone or cfg["BACKBONE"], cfg["EPOCHS"], args.minutes,
                                cfg["MIN_SIZE"], cfg["MAX_SIZE"], cfg["VAL_FRACTION"], seed, cfg["PRETRAINED_WEIGHTS"],
                                str(device), optimizer=optimizer, lr=lr, split_seed=cfg["SPLIT_SEED"],
-                               min_val_images=cfg["MIN_VAL_IMAGES"])
+                               min_val_images=cfg["MIN_VAL_IMAGES"], schedule=schedule)
         return best, load_checkpoint(run_dir / "last.pt")["state"]  # the whole run's steps and seconds
 
     grid = []
-    for optimizer, lr in args.peer_grid:
-        _, state = trained(optimizer, lr, seeds[0])
+    for optimizer, lr, schedule in args.peer_grid:
+        _, state = trained(optimizer, lr, schedule, seeds[0])
         picked = state["best_ap50"]  # best.pt's val AP50; -inf where val picked nothing
-        grid.append({"optimizer": optimizer, "lr": lr, "val_ap50": picked if picked > -math.inf else float("nan"),
+        grid.append({"optimizer": optimizer, "lr": lr, "schedule": schedule, "val_ap50": picked if picked > -math.inf else float("nan"),
                      "steps": state["step"], "train_seconds": state["train_seconds"], "chosen": False})
     best = max(grid, key=lambda g: -math.inf if math.isnan(g["val_ap50"]) else g["val_ap50"])
     best["chosen"] = True
     rows = []
     for seed in seeds:
-        checkpoint, state = trained(best["optimizer"], best["lr"], seed)
+        checkpoint, state = trained(best["optimizer"], best["lr"], best["schedule"], seed)
         path = checkpoint.parent / "score.json"
         if not path.is_file():
             save_json(score(peer.test_records(checkpoint, data_dir, str(device)), coco_gt, state), path)

@@ -15,7 +15,8 @@ What is stock (torchvision's models and references/detection/train.py, unchanged
 - the training: the references' SGD (momentum 0.9, weight decay 1e-4), lr 0.02 for 16 images a step
   scaled linearly to batch 1 (0.00125, the references' linear-scaling rule), linear warm-up from 0.001x
   over min(1000, steps in epoch 1), MultiStepLR x0.1 at epochs 16 and 22 of 26 (scaled to EPOCHS),
-  RandomHorizontalFlip(0.5).
+  RandomHorizontalFlip(0.5). Or (schedule cosine) the references' other scheduler, cosine annealing, fit to the
+  budget as train.py's SCHEDULE cosine is: from lr to 0 over EPOCHS, or over the minutes where they end sooner.
 What a careful user adds, as train.py does for ours: val AP50 after every epoch and best.pt, the weights of
 the best val AP50 so far (the latest where val picks nothing: no val split, or fewer than MIN_VAL_IMAGES),
 which ablate.py tunes and scores.
@@ -48,8 +49,10 @@ from utils import NUM_CLASSES, encode_mask, load_checkpoint, save_checkpoint, se
 STOCK_WEIGHTS = losses.preset_weights("stock")  # torchvision's five terms, each weighted 1: their plain sum
 # What ablate.py --peer tries (each with the run's budget), choosing on the validation split: the references'
 # SGD at its scaled rate and 4x and 8x it, and AdamW around the rate a from-scratch user would try first.
-GRID = [("sgd", 0.00125), ("sgd", 0.005), ("sgd", 0.01), ("adamw", 1e-4), ("adamw", 2e-4), ("adamw", 4e-4)]
+GRID = [(o, lr, "multistep") for o, lr in (("sgd", 0.00125), ("sgd", 0.005), ("sgd", 0.01), ("adamw", 1e-4),
+                                           ("adamw", 2e-4), ("adamw", 4e-4))]
 OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("multistep", "cosine")  # the references' MultiStepLR, or cosine annealing over the budget
 REFERENCE = dict(lr_per_16_images=0.02, momentum=0.9, weight_decay=1e-4, lr_steps=(16, 22), epochs=26,
                  lr_gamma=0.1, warmup_factor=1e-3, warmup_iters=1000)
 
@@ -122,14 +125,18 @@ def flip(image, target):
     return image, target
 
 
-def train_epoch(model, loader, optimizer, state, lr, warmup, deadline, device):
+def train_epoch(model, loader, optimizer, state, lr, warmup, deadline, device, cosine=None):
     """One epoch of engine.train_step (stopping at the deadline), with the references' linear warm-up over the
-    first steps of epoch 0. Returns (summed loss, steps)."""
+    first steps of epoch 0; cosine ({"EPOCHS", "MAX_MINUTES"}: the budget) sets the LR at every step as
+    train.py's SCHEDULE cosine does. Returns (summed loss, steps)."""
     total, steps = 0.0, 0
     for images, targets in loader:
         if time.time() >= deadline:
             break
-        if state["epoch"] == 0 and state["step"] < warmup:
+        if cosine is not None:
+            engine.set_lr(optimizer, state["step"], warmup, engine.budget_used(
+                cosine, state["step"], len(loader), deadline if cosine["MAX_MINUTES"] > 0 else None, device))
+        elif state["epoch"] == 0 and state["step"] < warmup:
             alpha = state["step"] / warmup
             for g in optimizer.param_groups:
                 g["lr"] = lr * (REFERENCE["warmup_factor"] * (1 - alpha) + alpha)
@@ -144,11 +151,13 @@ def train_epoch(model, loader, optimizer, state, lr, warmup, deadline, device):
 
 def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, min_size=800, max_size=1333,
                val_fraction=0.1, seed=42, weights_backbone="", device="cpu", log=print, optimizer="sgd", lr=0.0,
-               split_seed=None, min_val_images=1):
+               split_seed=None, min_val_images=1, schedule="multistep"):
     """Train the peer (resuming run_dir/last.pt if there); returns the path of best.pt: the weights of the best val
     AP50 so far, or the latest where val picks nothing (fewer than min_val_images val images, as train.py's
     MIN_VAL_IMAGES, or no val AP50). seed: initialisation and data order; split_seed (None: seed): the train/val
-    split, as train.py's SPLIT_SEED."""
+    split, as train.py's SPLIT_SEED. schedule: one of SCHEDULES."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"peer schedule {schedule!r}: one of {', '.join(SCHEDULES)}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
@@ -180,18 +189,20 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
                                          generator=generator)
     budget = minutes * 60
     warmup = min(REFERENCE["warmup_iters"], len(loader) - 1)
+    cosine = {"EPOCHS": epochs, "MAX_MINUTES": minutes} if schedule == "cosine" else None
     log(f"peer {run_dir}: torchvision MaskRCNN, {backbone} FPN ({'local weights' if weights_backbone else 'from scratch'}),"
-        f" {len(train_ids)} train / {len(val_ids)} val images, {kind} lr {lr:g}, MIN_SIZE {min_size} / MAX_SIZE {max_size}, "
+        f" {len(train_ids)} train / {len(val_ids)} val images, {kind} lr {lr:g} ({schedule}), MIN_SIZE {min_size} / MAX_SIZE {max_size}, "
         f"{epochs} epochs" + (f" or {minutes:g} min" if minutes else ""))
     while state["epoch"] < epochs and not (budget > 0 and state["train_seconds"] >= budget):
         model.train()
         t0 = time.time()
         deadline = t0 + budget - state["train_seconds"] if budget > 0 else math.inf
-        total, steps = train_epoch(model, loader, optimizer, state, lr, warmup, deadline, device)
-        if state["epoch"] == 0 and state["step"] >= warmup:
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-        scheduler.step()
+        total, steps = train_epoch(model, loader, optimizer, state, lr, warmup, deadline, device, cosine)
+        if cosine is None:
+            if state["epoch"] == 0 and state["step"] >= warmup:
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+            scheduler.step()
         state["epoch"] += 1
         state["train_seconds"] += time.time() - t0
         ap50 = float("nan")
@@ -209,7 +220,8 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
                 "scheduler": scheduler.state_dict(), "state": state, "rng": torch.get_rng_state(),
                 "loader_rng": generator.get_state(), "epoch": state["epoch"],
                 "config": dict(BACKBONE=backbone, MIN_SIZE=min_size, MAX_SIZE=max_size, PEER=True,
-                               WEIGHTS_BACKBONE=weights_backbone, OPTIMIZER=kind, LR=lr, SEED=seed)}
+                               WEIGHTS_BACKBONE=weights_backbone, OPTIMIZER=kind, LR=lr, SCHEDULE=schedule,
+                               SEED=seed)}
         if improved:  # best.pt first: a crash between the two writes reruns this epoch on resume
             save_checkpoint(ckpt, best)
         save_checkpoint(ckpt, last)
@@ -250,12 +262,15 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"])
     ap.add_argument("--lr", type=float, default=0.0, help="0: the references' SGD rate, 0.02 / 16")
+    ap.add_argument("--schedule", default="multistep", choices=SCHEDULES,
+                    help="multistep: the references' x0.1 at epochs 16 and 22 of 26 (scaled to --epochs); cosine: "
+                         "from lr to 0 over --epochs, or --minutes where they end sooner")
     ap.add_argument("--weights-backbone", default="", help="local torchvision/timm ResNet weights file")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     best = train_peer(args.data_dir, args.run_dir, args.backbone, args.epochs, args.minutes, args.min_size,
                       args.max_size, args.val_fraction, args.seed, args.weights_backbone, args.device,
-                      optimizer=args.optimizer, lr=args.lr)
+                      optimizer=args.optimizer, lr=args.lr, schedule=args.schedule)
     gt_path = Path(args.data_dir) / "test_gt_coco.json"
     if gt_path.is_file():
         metrics = evaluate.coco_evaluate(evaluate.test_ground_truth(args.data_dir),

@@ -128,9 +128,9 @@ def test_together_adds_the_levers_combined_after_each_alone():
 
 def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small, tmp_path):
     out = tmp_path / "abl"
-    grid = [("sgd", 0.00125), ("adamw", 1e-3)]
+    grid = [("sgd", 0.00125, "multistep"), ("adamw", 1e-3, "cosine")]
     rows = ablate.main(["--data-dir", str(real_small), "--out", str(out), "--peer", "--peer-backbone", "resnet18",
-                        "--peer-grid", "sgd:0.00125,adamw:1e-3", "--ensemble",
+                        "--peer-grid", "sgd:0.00125,adamw:1e-3:cosine", "--ensemble",
                         "--seeds", "2", "--minutes", "0.005", "--"] + tiny_args(EPOCHS=5, SEED=7, MIN_VAL_IMAGES=1,
                                                                                 **SHARED))
     assert [(r["label"], r["seed"]) for r in rows] == [("base", 7), ("base", 8), ("base + next seed", 7),
@@ -143,13 +143,16 @@ def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small
     assert runs[7]["config"]["SEED"] == 7 and runs[8]["config"]["SEED"] == 8
     assert runs[7]["val_ids"] == runs[8]["val_ids"]  # the seeds share one split
     # the grid trained with the first seed; the best val AP50 (its best.pt's) picked the setting, never the test images
-    grid = {(o, lr): load_checkpoint(out / "peer" / f"{o}-{lr:g}" / "last.pt") for o, lr in grid}
+    name = lambda o, lr, schedule: f"{o}-{lr:g}" + ("" if schedule == "multistep" else f"-{schedule}")  # noqa: E731
+    grid = {k: load_checkpoint(out / "peer" / name(*k) / "last.pt") for k in grid}
+    assert [c["config"]["SCHEDULE"] for c in grid.values()] == ["multistep", "cosine"]
     val = {k: c["state"]["best_ap50"] for k, c in grid.items()}
     chosen = max(val, key=val.get)
-    assert (out / "peer" / f"{chosen[0]}-{chosen[1]:g}" / "score.json").is_file()
-    assert not any((out / "peer" / f"{o}-{lr:g}" / "score.json").is_file() for o, lr in val if (o, lr) != chosen)
-    second = load_checkpoint(out / "peer" / f"{chosen[0]}-{chosen[1]:g},seed=8" / "last.pt")
-    assert second["config"]["OPTIMIZER"] == chosen[0] and second["config"]["SEED"] == 8
+    assert (out / "peer" / name(*chosen) / "score.json").is_file()
+    assert not any((out / "peer" / name(*k) / "score.json").is_file() for k in val if k != chosen)
+    second = load_checkpoint(out / "peer" / f"{name(*chosen)},seed=8" / "last.pt")
+    assert (second["config"]["OPTIMIZER"], second["config"]["SCHEDULE"]) == (chosen[0], chosen[2])
+    assert second["config"]["SEED"] == 8
     assert second["state"]["train_seconds"] >= 0.3 and all(r["steps"] >= 1 for r in rows)
     assert all(0.0 <= r["ap50"] <= 1.0 for r in rows)
     md = (out / "ablation.md").read_text()
@@ -158,6 +161,11 @@ def test_ablate_time_budget_seeds_ensembles_and_the_peer_tuned_on_val(real_small
     assert md.count("| base + next seed |") == 1
     with pytest.raises(SystemExit, match="--peer-grid 'lamb:1e-3'"):
         ablate.main(["--data-dir", str(real_small), "--out", str(out), "--peer-grid", "lamb:1e-3"])
+    assert ablate.parse_peer_grid("adamw:2e-4, SGD:0.01:cosine") == [("adamw", 2e-4, "multistep"),
+                                                                       ("sgd", 0.01, "cosine")]
+    for bad in ("adamw:2e-4:step", "adamw", "adamw:2e-4:cosine:x", "adamw:-1"):
+        with pytest.raises(SystemExit, match=f"--peer-grid '{bad}'"):
+            ablate.parse_peer_grid(bad)
     with pytest.raises(SystemExit, match="--seeds 2 or more"):
         ablate.main(["--data-dir", str(real_small), "--out", str(out), "--ensemble"])
 
@@ -179,15 +187,30 @@ def test_the_peer_keeps_the_weights_of_its_best_val_epoch(real_small, tmp_path, 
     assert load_checkpoint(best)["epoch"] == 1 and load_checkpoint(best)["state"]["best_ap50"] == -math.inf
 
 
+def test_the_peer_cosine_schedule_anneals_over_its_epochs(real_small, tmp_path):
+    """schedule cosine: at every step lr x 0.5 (1 + cos(pi step / (epochs x steps an epoch))) after the warm-up,
+    as train.py's SCHEDULE cosine; the MultiStepLR is not stepped."""
+    run = dict(backbone="resnet18", min_size=64, max_size=96, val_fraction=0.34, seed=0, optimizer="adamw", lr=1e-3,
+               log=lambda *_: None)
+    peer.train_peer(real_small, tmp_path / "c", epochs=2, schedule="cosine", **run)
+    ckpt = load_checkpoint(tmp_path / "c" / "last.pt")
+    n = ckpt["state"]["step"] // 2  # the warm-up (n - 1 steps) is over by each epoch's last step
+    assert [h["lr"] for h in ckpt["state"]["history"]] == pytest.approx(
+        [1e-3 * 0.5 * (1 + math.cos(math.pi * (e * n - 1) / (2 * n))) for e in (1, 2)])
+    assert ckpt["config"]["SCHEDULE"] == "cosine"
+    with pytest.raises(ValueError, match="peer schedule 'step'"):
+        peer.train_peer(real_small, tmp_path / "d", epochs=1, schedule="step", **run)
+
+
 def test_the_peer_grid_is_chosen_on_best_val_ap50_and_scored_from_best_pt(tmp_path, monkeypatch):
     """The grid point whose best epoch is best wins (not the one with the best final epoch), and the chosen
     setting's best.pt is what is scored."""
-    histories = {("adamw", 1e-4): [0.5, 0.1], ("adamw", 2e-4): [0.3, 0.3]}
+    histories = {("adamw", 1e-4, "multistep"): [0.5, 0.1], ("adamw", 2e-4, "cosine"): [0.3, 0.3]}
     scored = []
 
-    def train_peer(data_dir, run_dir, *args, optimizer, lr, **kwargs):
+    def train_peer(data_dir, run_dir, *args, optimizer, lr, schedule, **kwargs):
         run_dir.mkdir(parents=True, exist_ok=True)
-        h = histories[(optimizer, lr)]
+        h = histories[(optimizer, lr, schedule)]
         state = {"epoch": 2, "step": 10, "train_seconds": 1.0, "history": [{"val_ap50": v} for v in h],
                  "best_ap50": max(h)}
         save_checkpoint({"model": {}, "config": {}, "state": state}, run_dir / "last.pt")
@@ -201,6 +224,7 @@ def test_the_peer_grid_is_chosen_on_best_val_ap50_and_scored_from_best_pt(tmp_pa
     args = argparse.Namespace(peer_grid=list(histories), peer_backbone="", minutes=0.0)
     rows, grid = ablate.run_peer(tmp_path, cfg, args, [1, 2], tmp_path, "cpu", None)
     assert [g["chosen"] for g in grid] == [True, False] and [g["val_ap50"] for g in grid] == [0.5, 0.3]
+    assert [g["schedule"] for g in grid] == ["multistep", "cosine"]
     assert scored == [tmp_path / "peer" / "adamw-0.0001" / "best.pt", tmp_path / "peer" / "adamw-0.0001,seed=2" / "best.pt"]
     assert [(r["label"], r["seed"], r["ap50"]) for r in rows] == [("peer (tuned)", 1, 0.2), ("peer (tuned)", 2, 0.2)]
 
