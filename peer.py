@@ -134,8 +134,8 @@ def train_epoch(model, loader, optimizer, state, lr, warmup, deadline, device, c
         if time.time() >= deadline:
             break
         if cosine is not None:
-            engine.set_lr(optimizer, state["step"], warmup, engine.budget_used(
-                cosine, state["step"], len(loader), deadline if cosine["MAX_MINUTES"] > 0 else None, device))
+            engine.set_lr(optimizer, state["step"], warmup,
+                          engine.budget_used(cosine, state["step"], len(loader), deadline, device))
         elif state["epoch"] == 0 and state["step"] < warmup:
             alpha = state["step"] / warmup
             for g in optimizer.param_groups:
