@@ -70,7 +70,7 @@ def train_steps(demo_dir, dtype, epochs=3):
     for epoch in range(epochs):
         torch.manual_seed(epoch)  # the same RoI sampling in both runs
         stats, skipped = engine.train_one_epoch(model, loader, opt, "cpu", {"WARMUP_ITERS": 0, "EPOCHS": epochs,
-                                                                           "GRAD_CLIP": 1.0},
+                                                                           "SCHEDULE": "plateau", "GRAD_CLIP": 1.0},
                                                state, losses.preset_weights("report"), scaler, dtype)
         state["epoch"] += 1
         assert skipped == 0

@@ -246,7 +246,7 @@ def test_non_finite_losses_are_skipped_then_stop(demo_dir):
 
     ds = CellDataset(demo_dir, list_train_ids(demo_dir)[:4])
     loader = torch.utils.data.DataLoader(ds, batch_size=1, collate_fn=lambda b: tuple(zip(*b)))
-    cfg = {"WARMUP_ITERS": 0, "EPOCHS": 1, "GRAD_CLIP": 0}
+    cfg = {"WARMUP_ITERS": 0, "SCHEDULE": "plateau", "EPOCHS": 1, "GRAD_CLIP": 0}
     model = NaNModel({2})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stats, skipped = engine.train_one_epoch(model, loader, opt, "cpu", cfg, {"epoch": 0, "step": 0},

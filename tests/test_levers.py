@@ -28,7 +28,7 @@ def test_ema_follows_its_warm_up_rule_step_by_step(demo_dir):
     ema = ModelEmaV3(model, decay=0.5, use_warmup=True)
     data = CellDataset(demo_dir, list_train_ids(demo_dir)[:3], train=True, sizing=(96, 160, 0.0))
     loader = torch.utils.data.DataLoader(data, batch_size=1, collate_fn=collate)
-    cfg = dict(TINY, WARMUP_ITERS=0, EPOCHS=1, GRAD_CLIP=10.0)
+    cfg = dict(TINY, WARMUP_ITERS=0, SCHEDULE="plateau", EPOCHS=1, GRAD_CLIP=10.0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for g in optimizer.param_groups:
         g["initial_lr"] = 1e-3
