@@ -425,7 +425,8 @@ def main(argv=None):
         raise SystemExit("--each scores prediction constants on the base, whose HEADS is not cascade: "
                          "CASCADE_SCORE_STAGES would change nothing; vary it without --each and with --heads cascade")
     check_settings(out, {"data_dir": str(data_dir), "minutes": args.minutes, "shared": shared, "seeds": args.seeds,
-                         "scoring": SCORING, "scale": cfg["SCALE"]})  # the base's SCALE as resolved (auto: by start)
+                         "scoring": SCORING, "scale": cfg["SCALE"],  # the base's SCALE and RoIs as resolved
+                         "roi_batch_size": cfg["ROI_BATCH_SIZE"]})  # (auto: by start; an old --out cannot mix them)
     t_start, rows, grid = time.time(), [], []
     names = [n for n, _ in varied]
     for i, (assignment, infer_grid) in enumerate(grid_rows, start=1):

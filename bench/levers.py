@@ -100,6 +100,7 @@ def main():
     base = {name: getattr(train, name) for name, _, _ in train.CONFIG}  # train.py's constants: the recipe
     base.update(BACKBONE=args.backbone, PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=False, LOSSES=args.losses,
                 MIN_SIZE=args.min_size, MAX_SIZE=args.max_size)
+    train.resolve_training_defaults(base)  # 'auto' as a run from scratch resolves it (ROI_BATCH_SIZE 128)
     levers = LEVERS + ([("recipe, resnet50", {"BACKBONE": "resnet50"})] if args.with_resnet50 else [])
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "d"

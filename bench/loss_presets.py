@@ -49,8 +49,8 @@ def main():
     print(f"input: real course sample {tuple(image.shape[1:])}, {len(target['labels'])} instances")
 
     cfg = {key: getattr(train, key) for key, _, _ in train.CONFIG}  # train.py's constants, then:
-    cfg.update(BACKBONE=args.backbone, PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=True,
-               MIN_SIZE=args.min_size, MAX_SIZE=args.max_size)
+    cfg.update(BACKBONE=args.backbone, PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=True,  # the recipe's
+               ROI_BATCH_SIZE=train.AUTO_ROI_BATCH_SIZE["pretrained"], MIN_SIZE=args.min_size, MAX_SIZE=args.max_size)
     presets = ["stock", "ciou_dice_boundary", "report"]
     models = {}
     for p in presets:

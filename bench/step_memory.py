@@ -88,8 +88,8 @@ def run_one(kind, args, data_dir, queue):
     if kind == "ours":
         cfg = {name: getattr(train, name) for name, _, _ in train.CONFIG}  # train.py's constants, then:
         cfg.update(BACKBONE=args.backbone, PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=True,  # the recipe's
-                   FPN_CHANNELS=256, ROI_BATCH_SIZE=512, MIN_SIZE=args.min_size, MAX_SIZE=args.max_size,  # frozen BN
-                   SCALE=args.scale, LOSSES="report")  # (random weights: cost only)
+                   FPN_CHANNELS=256, ROI_BATCH_SIZE=train.AUTO_ROI_BATCH_SIZE["pretrained"],  # frozen BN, 512 RoIs
+                   MIN_SIZE=args.min_size, MAX_SIZE=args.max_size, SCALE=args.scale, LOSSES="report")  # (random weights)
         model = build_model(cfg, load_pretrained=False).to(device)
         weights, grad_clip = losses.preset_weights("report"), cfg["GRAD_CLIP"]  # train.py's step, clipping included
     else:

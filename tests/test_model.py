@@ -127,16 +127,21 @@ def test_training_defaults_follow_the_backbone_start_or_refuse(tmp_path):
     cfg, _ = train.resolve_config(run + ["--pretrained", "false"])
     assert cfg["FREEZE_BN"] == "auto" and cfg["LR"] == train.AUTO_LR["scratch"] == 2e-4
     assert cfg["SCALE"] == train.AUTO_SCALE["scratch"] == 1.0  # from scratch: every cell at its own size
+    assert cfg["ROI_BATCH_SIZE"] == train.AUTO_ROI_BATCH_SIZE["scratch"] == 128  # from scratch: more steps
     cfg, _ = train.resolve_config(run + ["--pretrained", "true"])
     assert cfg["LR"] == train.AUTO_LR["pretrained"] == 5e-5
     assert cfg["SCALE"] == train.AUTO_SCALE["pretrained"] == 0.0  # the recipe's MIN_SIZE/MAX_SIZE sizing
+    assert cfg["ROI_BATCH_SIZE"] == train.AUTO_ROI_BATCH_SIZE["pretrained"] == 512  # torchvision's, the recipe's
     cfg, _ = train.resolve_config(run + ["--pretrained-weights", "w.safetensors", "--pretrained", "false"])
     assert cfg["SCALE"] == 0.0  # a local weights file is a pretrained start too
     cfg, _ = train.resolve_config(run + ["--pretrained", "false", "--lr", "1e-3", "--freeze-bn", "false",
                                          "--scale", "0"])
     assert cfg["LR"] == 1e-3 and cfg["FREEZE_BN"] is False and cfg["SCALE"] == 0.0
-    cfg, _ = train.resolve_config(run + ["--pretrained", "true", "--scale", "2"])
-    assert cfg["SCALE"] == 2.0
+    cfg, _ = train.resolve_config(run + ["--pretrained", "true", "--scale", "2", "--roi-batch-size", "256"])
+    assert cfg["SCALE"] == 2.0 and cfg["ROI_BATCH_SIZE"] == 256
+    for bad in ("many", "0", "1.5"):
+        with pytest.raises(SystemExit, match=f"--roi-batch-size '{bad}': a whole number"):
+            train.resolve_config(run + ["--roi-batch-size", bad])
     cfg, _ = train.resolve_config(run + ["--demo", "true"])
     assert cfg["SCALE"] == 1.0  # the demo trains from scratch
     with pytest.raises(SystemExit, match="a number or auto"):

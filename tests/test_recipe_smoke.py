@@ -12,7 +12,8 @@ RECIPE = {name: getattr(train, name) for name, _, _ in train.CONFIG}  # train.py
 
 
 def test_recipe_trains_a_step_and_predicts_in_tiles_on_the_real_sample(sample_dir):
-    cfg = dict(RECIPE, PRETRAINED=False, MIN_SIZE=320, MAX_SIZE=400, LOSSES="report", SCALE=0.0)  # small input: CPU
+    cfg = dict(RECIPE, PRETRAINED=False, MIN_SIZE=320, MAX_SIZE=400, LOSSES="report", SCALE=0.0,  # small input: CPU
+               ROI_BATCH_SIZE=train.AUTO_ROI_BATCH_SIZE["pretrained"])  # the pretrained recipe's 512 RoIs
     assert cfg["BACKBONE"] == "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"
     torch.manual_seed(0)
     model = build_model(cfg, load_pretrained=False)  # FREEZE_BN auto: live BN
