@@ -119,8 +119,9 @@ AUTO_LR = {"pretrained": 5e-5, "scratch": 2e-4}  # LR "auto" (from scratch, a re
 # each cell at its own size (README's resnet18 at MAX_SIZE 512 against MIN_SIZE/MAX_SIZE 384/512, 10 minutes a run,
 # 6 seeds: test AP50 +0.068 ± 0.052 seed by seed, better on 5 of 6; not measured at 800/1333)
 AUTO_SCALE = {"pretrained": 0.0, "scratch": 1.0}
-# ROI_BATCH_SIZE "auto": torchvision's 512 for the pretrained recipe (128 not measured there); from scratch 128 (README's
-# resnet18, 10 minutes a run, 3 seeds: 2.1x the steps, test AP50 0.387 ± 0.033 against 0.356 ± 0.030 at 512)
+# ROI_BATCH_SIZE "auto": torchvision's 512 for the pretrained recipe (128 not measured there); from scratch 128
+# (README's resnet18, 10 minutes a run, 3 seeds: 2.1x the steps, test AP50 0.387 ± 0.034 against 0.356 ± 0.030
+# at 512 in an earlier run of the same command)
 AUTO_ROI_BATCH_SIZE = {"pretrained": 512, "scratch": 128}
 SCHEDULES = ("plateau", "cosine")
 METRIC_FIELDS = ["epoch", "lr", "train_loss", *losses.LOSS_TERMS, "val_loss", "val_ap50", "val_ap",
