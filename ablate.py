@@ -302,6 +302,7 @@ def check_settings(out, settings):
     out.mkdir(parents=True, exist_ok=True)
     if (out / "ablate.json").is_file():
         before = json.loads((out / "ablate.json").read_text())
+        before.setdefault("roi_batch_size", 512)  # a folder from before ROI_BATCH_SIZE auto: torchvision's 512 then
         if before != settings:
             raise SystemExit(f"{out} holds runs made with other settings ({before}); their scores would be reused "
                              f"under the new ones ({settings}): use another --out, or the same flags")

@@ -52,9 +52,10 @@ FREEZE_FPN_BN = "auto"        # COCO model (its FPN has BatchNorm): freeze that 
 FPN_CHANNELS = 256            # FPN and RoI-head width (256 for the COCO model)
 HEADS = "standard"            # standard: torchvision's box head | cascade: Cascade R-CNN's three stages (IoU
                               # 0.5/0.6/0.7, heads.py)
-ROI_BATCH_SIZE = "auto"       # RoIs sampled per image for the box head (25% cells), per stage with cascade; the mask
-                              # head trains on those cells, so this sets most of a step's cost. auto: 512 (torchvision's)
-                              # with pretrained weights, 128 from scratch (about twice the steps in the same time)
+ROI_BATCH_SIZE = "auto"       # RoIs sampled per image for the box head (at most 25% cells; cascade's later stages reuse
+                              # them); the mask head trains on those cells: about half a step's cost at 512. auto: 512
+                              # (torchvision's) with pretrained weights, 128 from scratch (about twice the steps in the
+                              # same time); at least 4 (a quarter of fewer rounds down to no cell)
 LOSSES = "stock"              # loss preset: stock | ciou_dice_boundary | report (losses.py)
 LOSS_WEIGHTS = {}             # {"loss_boundary": 0.5, ...}: overrides the preset's weight of a term
 # ---- config: input and augmentation
@@ -120,8 +121,8 @@ AUTO_LR = {"pretrained": 5e-5, "scratch": 2e-4}  # LR "auto" (from scratch, a re
 # 6 seeds: test AP50 +0.068 ± 0.052 seed by seed, better on 5 of 6; not measured at 800/1333)
 AUTO_SCALE = {"pretrained": 0.0, "scratch": 1.0}
 # ROI_BATCH_SIZE "auto": torchvision's 512 for the pretrained recipe (128 not measured there); from scratch 128
-# (README's resnet18, 10 minutes a run, 3 seeds: 2.1x the steps, test AP50 0.387 ± 0.034 against 0.356 ± 0.030
-# at 512 in an earlier run of the same command)
+# (README's resnet18, 10 CPU minutes a run, 3 seeds: 1.9x the steps, test AP50 0.387 ± 0.034 against 0.363 ± 0.019
+# at 512, within the spread)
 AUTO_ROI_BATCH_SIZE = {"pretrained": 512, "scratch": 128}
 SCHEDULES = ("plateau", "cosine")
 METRIC_FIELDS = ["epoch", "lr", "train_loss", *losses.LOSS_TERMS, "val_loss", "val_ap50", "val_ap",
@@ -224,8 +225,9 @@ def resolve_training_defaults(cfg, fresh=True, forced_now=False):
                 raise SystemExit(f"--{name.lower()} {cfg[name]!r}: a number or auto") from None
     if str(cfg["ROI_BATCH_SIZE"]).strip().lower() == "auto":
         cfg["ROI_BATCH_SIZE"] = AUTO_ROI_BATCH_SIZE[start]
-    elif not str(cfg["ROI_BATCH_SIZE"]).strip().isdigit() or int(cfg["ROI_BATCH_SIZE"]) < 1:
-        raise SystemExit(f"--roi-batch-size {cfg['ROI_BATCH_SIZE']!r}: a whole number >= 1 (e.g. 128, 512) or auto")
+    elif not str(cfg["ROI_BATCH_SIZE"]).strip().isdecimal() or int(cfg["ROI_BATCH_SIZE"]) < 4:
+        raise SystemExit(f"--roi-batch-size {cfg['ROI_BATCH_SIZE']!r}: a whole number >= 4 (e.g. 128, 512; torchvision "
+                         f"samples int(0.25 x it) cells, none below 4) or auto")
     cfg["ROI_BATCH_SIZE"] = int(cfg["ROI_BATCH_SIZE"])
     return cfg
 

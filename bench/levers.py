@@ -6,6 +6,8 @@ torchvision's stock Mask R-CNN (peer.py) measured last in the same run.
     python -m bench.levers --device cuda --amp fp16 --backbone seresnextaa101d_32x8d.sw_in12k_ft_in1k_288 \\
         --min-size 800 --max-size 1333 --stock-backbone resnet50      # the recipe's sizes on a GPU
 
+Ours samples the pretrained recipe's 512 RoIs an image; `--roi-batch-size auto` times a run from scratch (128).
+
 Each configuration trains `--steps` steps (after `--warmup` untimed ones) over the same images in the same
 order with the same seed: data seconds (reading, augmentation, resizing, masks) and step seconds per step,
 their sum, and the ratio of that sum to the recipe's. The step is engine.train_step, the one train.py runs:
@@ -91,6 +93,8 @@ def main():
     ap.add_argument("--losses", default="stock", help="the recipe's LOSSES preset")
     ap.add_argument("--min-size", type=int, default=384)
     ap.add_argument("--max-size", type=int, default=512)
+    ap.add_argument("--roi-batch-size", default="512",
+                    help="RoIs an image: 512 the pretrained recipe's (default), auto as a run from scratch (128)")
     ap.add_argument("--images", type=int, default=4, help="how many realistic images the steps cycle over")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
@@ -99,8 +103,8 @@ def main():
     device = torch.device(args.device)
     base = {name: getattr(train, name) for name, _, _ in train.CONFIG}  # train.py's constants: the recipe
     base.update(BACKBONE=args.backbone, PRETRAINED=False, PRETRAINED_WEIGHTS="", FREEZE_BN=False, LOSSES=args.losses,
-                MIN_SIZE=args.min_size, MAX_SIZE=args.max_size)
-    train.resolve_training_defaults(base)  # 'auto' as a run from scratch resolves it (ROI_BATCH_SIZE 128)
+                MIN_SIZE=args.min_size, MAX_SIZE=args.max_size, ROI_BATCH_SIZE=args.roi_batch_size)
+    train.resolve_training_defaults(base)  # 'auto' as a run from scratch resolves it
     levers = LEVERS + ([("recipe, resnet50", {"BACKBONE": "resnet50"})] if args.with_resnet50 else [])
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = Path(tmp) / "d"
@@ -112,7 +116,7 @@ def main():
         device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                        else f"CPU, {torch.get_num_threads()} threads")
         print(f"device: {device_name}; torch {torch.__version__}; AMP {args.amp}; {args.backbone}, LOSSES {args.losses}, "
-              f"MIN_SIZE {args.min_size} / MAX_SIZE {args.max_size}; {len(ids)} realistic images ({sum(cells)} cells), "
+              f"MIN_SIZE {args.min_size} / MAX_SIZE {args.max_size}; {base['ROI_BATCH_SIZE']} RoIs an image; {len(ids)} realistic images ({sum(cells)} cells), "
               f"{args.steps} timed steps each after {args.warmup}; batch 1")
         rows = []
         for name, extra in levers:

@@ -247,3 +247,19 @@ def test_ablate_refuses_an_unknown_constant_and_lists_them(real_small, tmp_path)
         ablate.main(["--data-dir", str(real_small), "--out", str(tmp_path / "x"), "--vary", "learning-rate=1,2", "--"])
     message = str(e.value)
     assert "learning-rate" in message and "losses" in message and "lr" in message and "mask-threshold" in message
+
+
+def test_a_rerun_must_share_the_folders_settings(tmp_path):
+    """ablate.json pins a folder's settings: the same ones continue it, others are refused (their scores would be
+    reused wrongly), and a folder written before ROI_BATCH_SIZE was recorded counts as torchvision's 512."""
+    settings = {"data_dir": "d", "minutes": 10.0, "shared": ["--epochs", "3"], "seeds": 3, "scoring": 3, "scale": 1.0,
+                "roi_batch_size": 128}
+    ablate.check_settings(tmp_path / "a", settings)
+    ablate.check_settings(tmp_path / "a", dict(settings))  # the same flags: continued
+    with pytest.raises(SystemExit, match="other settings"):
+        ablate.check_settings(tmp_path / "a", dict(settings, roi_batch_size=512))
+    old = {k: v for k, v in settings.items() if k != "roi_batch_size"}
+    ablate.save_json(old, tmp_path / "b" / "ablate.json")
+    ablate.check_settings(tmp_path / "b", dict(settings, roi_batch_size=512))
+    with pytest.raises(SystemExit, match="other settings"):
+        ablate.check_settings(tmp_path / "b", settings)

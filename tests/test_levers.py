@@ -79,12 +79,13 @@ def test_cosine_lr_warms_up_then_anneals_to_zero_over_the_budget(monkeypatch):
 def test_cosine_run_logs_the_annealed_lr_and_refuses_an_unknown_schedule_or_a_switch(demo_dir, tmp_path):
     run = tmp_path / "cosine"
     train.main(tiny_args(DATA_DIR=str(demo_dir), RUN_DIR=str(run), EPOCHS=2, LR=1e-3, WARMUP_ITERS=1,
-                         SCHEDULE="cosine", VAL_FRACTION=0.34, NUM_WORKERS=0,
+                         SCHEDULE="cosine", LR_PATIENCE=0, VAL_FRACTION=0.34, NUM_WORKERS=0,
                          VAL_DETECTIONS_PER_IMAGE=10, MIN_VAL_IMAGES=1))
     ckpt = load_checkpoint(run / "last.pt")
     n = ckpt["state"]["step"] // 2  # steps an epoch
     logged = [float(r["lr"]) for r in csv.DictReader((run / "metrics.csv").read_text().splitlines())]
-    # each epoch's last step set its LR from the steps before it (plateau would have logged 1e-3 twice)
+    # each epoch's last step set its LR from the steps before it (plateau would have logged 1e-3, then with
+    # LR_PATIENCE 0 halved it after an epoch without a better val AP50)
     assert logged == pytest.approx([1e-3 * 0.5 * (1 + np.cos(np.pi * (e * n - 1) / (2 * n))) for e in (1, 2)])
     assert ckpt["config"]["SCHEDULE"] == "cosine"
     with pytest.raises(SystemExit, match="--schedule 'step'"):
@@ -93,6 +94,7 @@ def test_cosine_run_logs_the_annealed_lr_and_refuses_an_unknown_schedule_or_a_sw
         train.resolve_config(["--run-dir", str(run), "--resume", "true", "--epochs", "4", "--schedule", "plateau"])
     cfg, _ = train.resolve_config(["--run-dir", str(run), "--resume", "true", "--epochs", "4"])
     assert cfg["SCHEDULE"] == "cosine"  # kept where not given
+    assert cfg["ROI_BATCH_SIZE"] == TINY["ROI_BATCH_SIZE"] == 64  # the run's RoIs, not auto's 128 from scratch
 
 
 TINY_TERMS = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")

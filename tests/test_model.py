@@ -139,7 +139,9 @@ def test_training_defaults_follow_the_backbone_start_or_refuse(tmp_path):
     assert cfg["LR"] == 1e-3 and cfg["FREEZE_BN"] is False and cfg["SCALE"] == 0.0
     cfg, _ = train.resolve_config(run + ["--pretrained", "true", "--scale", "2", "--roi-batch-size", "256"])
     assert cfg["SCALE"] == 2.0 and cfg["ROI_BATCH_SIZE"] == 256
-    for bad in ("many", "0", "1.5"):
+    cfg, _ = train.resolve_config(run + ["--roi-batch-size", "4"])
+    assert cfg["ROI_BATCH_SIZE"] == 4  # the fewest that samples a cell (int(0.25 x 4) = 1)
+    for bad in ("many", "0", "3", "1.5", "\u00b2"):  # 3: torchvision samples int(0.75) = 0 cells; '²' passes isdigit
         with pytest.raises(SystemExit, match=f"--roi-batch-size '{bad}': a whole number"):
             train.resolve_config(run + ["--roi-batch-size", bad])
     cfg, _ = train.resolve_config(run + ["--demo", "true"])
