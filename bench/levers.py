@@ -93,8 +93,8 @@ def main():
     ap.add_argument("--losses", default="stock", help="the recipe's LOSSES preset")
     ap.add_argument("--min-size", type=int, default=384)
     ap.add_argument("--max-size", type=int, default=512)
-    ap.add_argument("--roi-batch-size", default="512",
-                    help="RoIs an image: 512 the pretrained recipe's (default), auto as a run from scratch (128)")
+    ap.add_argument("--roi-batch-size", default=str(train.AUTO_ROI_BATCH_SIZE["pretrained"]),
+                    help="RoIs an image: the pretrained recipe's 512 (default), auto as a run from scratch (128)")
     ap.add_argument("--images", type=int, default=4, help="how many realistic images the steps cycle over")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
@@ -116,8 +116,9 @@ def main():
         device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                        else f"CPU, {torch.get_num_threads()} threads")
         print(f"device: {device_name}; torch {torch.__version__}; AMP {args.amp}; {args.backbone}, LOSSES {args.losses}, "
-              f"MIN_SIZE {args.min_size} / MAX_SIZE {args.max_size}; {base['ROI_BATCH_SIZE']} RoIs an image; {len(ids)} realistic images ({sum(cells)} cells), "
-              f"{args.steps} timed steps each after {args.warmup}; batch 1")
+              f"MIN_SIZE {args.min_size} / MAX_SIZE {args.max_size}; {base['ROI_BATCH_SIZE']} RoIs an image; "
+              f"{len(ids)} realistic images ({sum(cells)} cells), {args.steps} timed steps each after {args.warmup}; "
+              f"batch 1")
         rows = []
         for name, extra in levers:
             d, s = measure({**base, **extra}, data_dir, ids, args, device)
