@@ -148,10 +148,33 @@ def check_ranks_in_sync(model):
     return digests[0]
 
 
-def sum_over_ranks(value, device):
-    """The sum of the processes' integer values (a plain run: its own)."""
+GRADIENT_BUCKET = 2**24  # elements a gradient all-reduce carries at most (64 MB of fp32)
+
+
+def average_gradients(params):
+    """Every parameter's gradient averaged over the processes (DDP's reduction, done by hand after train_step has
+    checked that every process finished its backward), in buckets of GRADIENT_BUCKET elements. A parameter
+    without a gradient counts as a zero gradient (DDP's own reduction would have stopped on it). A plain run:
+    nothing to do."""
     if not distributed():
-        return value
-    t = torch.tensor([value], device=device)
-    dist.all_reduce(t)
-    return int(t.item())
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    bucket, size = [], 0
+    for p in params + [None]:
+        if p is not None and (not bucket or (size + p.numel() <= GRADIENT_BUCKET and p.grad.dtype == bucket[0].dtype
+                                             and p.grad.device == bucket[0].device)):
+            bucket.append(p.grad)
+            size += p.numel()
+            continue
+        if bucket:
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        bucket, size = ([p.grad], p.numel()) if p is not None else ([], 0)

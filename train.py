@@ -7,12 +7,13 @@
     torchrun --nproc_per_node 2 train.py              # two GPUs (DistributedDataParallel), same constants
 
 Every constant of the config block below can be set from the command line as --lower-case-with-dashes.
-A run folder gets config.json, split.json, metrics.csv, learning_curve.png, last.pt and best.pt.
+A run folder gets config.json, split.json, metrics.csv, learning_curve.png, train.log, last.pt and best.pt.
 This file wires: data (dataset.py), model (model.py), the training step and validation (engine.py),
 DDP (ddp.py); validation predicts with infer.py's prediction constants, as the test set is predicted.
 """
 import math
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,9 +29,10 @@ from dataset import (CellDataset, DataError, check_jitter, check_train_data, col
                      split_ids)
 from model import (COCO_MODEL, HEAD_CLASSES, PretrainedWeightsError, build_model, freeze_bn_setting,
                    freeze_fpn_bn_setting, load_weights, parse_freeze_bn, set_thresholds)
-from predict import in_order_loader, predict_options
-from utils import (CheckpointError, apply_overrides, config_block, load_checkpoint, save_checkpoint,
-                   save_figure, save_json, seed_everything, write_csv)
+from clock import RunClock, hours_minutes
+from predict import in_order_loader, predict_options, tta_passes
+from utils import (NUM_CLASSES, CheckpointError, apply_overrides, config_block, load_checkpoint, save_checkpoint,
+                   save_figure, save_json, seed_everything, tee_output, write_csv)
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
@@ -73,8 +75,12 @@ STAIN_STRENGTH = 0.05         # the jitter's strength s: each stain's concentrat
                               # (optical density, -ln; 0.05 moves the course sample's mean colour <= 20 grey levels)
 # ---- config: optimisation
 EPOCHS = 50                   # at most this many epochs (early stopping may end sooner)
-MAX_MINUTES = 0.0             # > 0: also stop when training steps (validation not counted) have taken this long,
-                              # mid-epoch if need be (a time budget; ablate.py --minutes)
+MAX_MINUTES = 0.0             # > 0: stop when training steps alone (no validation, no saving) have taken this
+                              # long, mid-epoch if need be: equal training time for comparisons (ablate.py --minutes)
+RUN_MINUTES = 0.0             # > 0: the whole run's wall-clock from start, validation and checkpoints included;
+                              # training stops in time to validate and save (a resume gets its own); 0 = none
+RESERVE_PASSES = 0            # RUN_MINUTES keeps time free for this many image passes predicted after training
+                              # (test images x TTA passes; the notebook's), at the measured val seconds a pass
 BATCH_SIZE = 1                # images per step (per process under torchrun)
 LR = "auto"                   # AdamW learning rate; auto: 5e-5 (the recipe's fine-tuning rate) with pretrained
                               # weights, 2e-4 for a backbone from scratch
@@ -126,7 +132,9 @@ AUTO_SCALE = {"pretrained": 0.0, "scratch": 1.0}
 AUTO_ROI_BATCH_SIZE = {"pretrained": 512, "scratch": 128}
 SCHEDULES = ("plateau", "cosine")
 METRIC_FIELDS = ["epoch", "lr", "train_loss", *losses.LOSS_TERMS, "val_loss", "val_ap50", "val_ap",
-                 "skipped_steps", "epoch_seconds", "train_seconds", "ema_decay"]
+                 *[f"val_ap50_class{k}" for k in range(1, NUM_CLASSES + 1)], "skipped_steps", "oom_steps",
+                 "step_seconds", "val_seconds", "val_seconds_per_image", "epoch_seconds", "train_seconds",
+                 "elapsed_seconds", "gpu_peak_allocated_gb", "gpu_peak_reserved_gb", "ema_decay"]
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -167,7 +175,8 @@ def resolve_config(argv=None):
 
 
 def check_levers(cfg):
-    """HEADS, SCALE, SCALE_JITTER, TO_GRAY, STAIN_AUG, EMA and SCHEDULE: a bad value stops before anything is built."""
+    """HEADS, SCALE, SCALE_JITTER, TO_GRAY, STAIN_AUG, EMA, SCHEDULE and the budgets: a bad value stops before
+    anything is built."""
     if cfg["HEADS"] not in HEAD_CLASSES:
         raise SystemExit(f"--heads {cfg['HEADS']!r}: choose one of {', '.join(HEAD_CLASSES)}")
     if cfg["BACKBONE"] == COCO_MODEL and cfg["FPN_CHANNELS"] != 256:
@@ -189,6 +198,11 @@ def check_levers(cfg):
         raise SystemExit(f"--ema {cfg['EMA']}: a decay in [0, 1), e.g. 0.999 (0 = off)")
     if cfg["SCHEDULE"] not in SCHEDULES:
         raise SystemExit(f"--schedule {cfg['SCHEDULE']!r}: choose one of {', '.join(SCHEDULES)}")
+    if cfg["RUN_MINUTES"] < 0 or cfg["MAX_MINUTES"] < 0:
+        raise SystemExit(f"--run-minutes {cfg['RUN_MINUTES']:g} / --max-minutes {cfg['MAX_MINUTES']:g}: minutes >= 0 "
+                         "(0 = no budget)")
+    if cfg["RESERVE_PASSES"] < 0:
+        raise SystemExit(f"--reserve-passes {cfg['RESERVE_PASSES']}: a number of image passes >= 0")
 
 
 def resolve_training_defaults(cfg, fresh=True, forced_now=False):
@@ -348,6 +362,11 @@ def log_start(cfg, run, data, device, world, log):
         + f"; {cfg['ROI_BATCH_SIZE']} RoIs an image{auto['ROI_BATCH_SIZE']}; LR {cfg['LR']:g}{auto['LR']}, "
         + ("cosine to 0 over the budget" if cfg["SCHEDULE"] == "cosine" else
            f"x{cfg['LR_FACTOR']:g} after more than {cfg['LR_PATIENCE']} epochs without a better val AP50"))
+    if cfg["RUN_MINUTES"] > 0:
+        log(f"RUN_MINUTES {cfg['RUN_MINUTES']:g}: training stops in time for its last validation and checkpoints"
+            + (f" and {cfg['RESERVE_PASSES']} prediction passes after it" if cfg["RESERVE_PASSES"] else "")
+            + ("; the cosine LR anneals over EPOCHS or MAX_MINUTES, not RUN_MINUTES" if cfg["SCHEDULE"] == "cosine"
+               else ""))
     if len(data.val_set) and len(data.val_set) < cfg["MIN_VAL_IMAGES"]:
         log(f"val split of {len(data.val_set)} image(s) < MIN_VAL_IMAGES {cfg['MIN_VAL_IMAGES']}: its AP50 is logged "
             "but picks nothing (best.pt = the latest weights, " + ("no plateau halving" if cfg["SCHEDULE"] == "plateau"
@@ -355,8 +374,9 @@ def log_start(cfg, run, data, device, world, log):
 
 
 # ---- the fit loop --------------------------------------------------------------------------------
-def fit(cfg, run, data, device, log):
-    """Epochs until EPOCHS, early stopping or MAX_MINUTES: train, validate (rank 0), schedule, save."""
+def fit(cfg, run, data, device, log, start):
+    """Epochs until EPOCHS, early stopping, MAX_MINUTES or RUN_MINUTES: train, validate (rank 0), schedule, save.
+    start: time.time() when this process started (RUN_MINUTES counts from it)."""
     state, budget = run.state, cfg["MAX_MINUTES"] * 60
     select = len(data.val_set) >= cfg["MIN_VAL_IMAGES"]  # does val AP50 pick best.pt, the LR and early stopping?
     opts = predict_options(cfg, run.val_settings)
@@ -365,38 +385,86 @@ def fit(cfg, run, data, device, log):
     if limit is not None:
         log(f"val split: {evaluate.format_ceiling(limit)}")
     weights = losses.preset_weights(cfg["LOSSES"], cfg["LOSS_WEIGHTS"])
+    clock = RunClock(cfg, len(data.loader), len(data.val_set), len(tta_passes(opts["tta"], opts["tta_scales"])),
+                     start, state["history"], checkpoint_mb=2 * checkpoint_megabytes(run))
     out_of_time = lambda: budget > 0 and state.get("train_seconds", 0.0) >= budget  # noqa: E731
+    planned = False
     if state["stopped_early"] or state["epoch"] >= cfg["EPOCHS"]:
         log(f"{cfg['RUN_DIR']} has finished training (epoch {state['epoch']}); nothing to do")
     if out_of_time():
         log(f"{cfg['RUN_DIR']} has used its MAX_MINUTES {cfg['MAX_MINUTES']:g} of training; nothing to do")
     while not state["stopped_early"] and state["epoch"] < cfg["EPOCHS"] and not out_of_time():
+        if not ddp.all_ranks_agree(clock.room_for_an_epoch(), device):
+            log(f"RUN_MINUTES {cfg['RUN_MINUTES']:g}: no time left for another epoch ({clock.eta(state['epoch'])}; "
+                f"{hours_minutes(clock.reserve())} kept for {cfg['RESERVE_PASSES']} prediction passes); continue "
+                "later with --resume (a resume gets its own RUN_MINUTES)")
+            break
         t0 = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         if data.sampler is not None:
             data.sampler.set_epoch(state["epoch"])
         deadline = t0 + budget - state.get("train_seconds", 0.0) if budget > 0 else None
-        stats, skipped = engine.train_one_epoch(run.model, data.loader, run.optimizer, device, cfg, state, weights,
-                                                run.scaler, run.dtype, deadline, run.ema)
+        stats, faults = engine.train_one_epoch(run.model, data.loader, run.optimizer, device, cfg, state, weights,
+                                               run.scaler, run.dtype, deadline, run.ema, clock)
         # every process adds the same (slowest) figure, so all agree on the budget and stop together
         state["train_seconds"] = state.get("train_seconds", 0.0) + ddp.max_over_ranks(time.time() - t0, device)
         state["epoch"] += 1
-        row = {"epoch": state["epoch"], "lr": run.optimizer.param_groups[0]["lr"], "skipped_steps": skipped,
+        cut = clock.must_stop()
+        row = {"epoch": state["epoch"], "lr": run.optimizer.param_groups[0]["lr"], **faults,
+               "step_seconds": clock.step_seconds(),
                **({"ema_decay": run.ema.decay(state["step"])} if run.ema else {}),  # in force; none: no EMA
                **stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
         if len(data.val_set):  # rank 0 validates the weights best.pt and infer.py use; the others get its figures
             row.update(ddp.on_rank0("validating", lambda: engine.validate(
                 run.ema.scored(run.net), data.loss_loader, data.val_set, device, weights, opts, coco_gt)))
+            clock.validated(row["val_seconds"], row["val_seconds_per_image"])
         improved = step_schedule(cfg, run, row["val_ap50"], log) if select else True  # no val: latest = best
         row["epoch_seconds"], row["train_seconds"] = time.time() - t0, state["train_seconds"]
+        row["elapsed_seconds"] = time.time() - start
+        if device.type == "cuda":
+            row["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            row["gpu_peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
         state["history"].append(row)
         streams = ddp.gather_rng(data.generator, device)
+        t_save = time.time()
         ddp.on_rank0("saving the checkpoint", lambda: save_epoch(cfg, run, data, streams, improved))
-        log(f"epoch {state['epoch']}: train loss {row.get('train_loss', float('nan')):.4f}  "
-            f"val loss {row['val_loss']:.4f}  val AP50 {row['val_ap50']:.4f}"
-            + (f" ({row['val_ap50'] / limit['ap50']:.0%} of the ceiling)" if limit and limit["ap50"] > 0 else "")
-            + f"  AP {row['val_ap']:.4f}  "
-            f"lr {row['lr']:.2e}  {row['epoch_seconds']:.0f}s" + ("  (best)" if improved else ""))
+        clock.saved(ddp.max_over_ranks(time.time() - t_save, device))
+        log(epoch_line(row, limit, improved, clock, state["epoch"]))
+        if not planned:  # the first epoch of this process: its validation and save now timed
+            log(clock.plan(state["epoch"]))
+            planned = True
+        if cut:
+            log(f"RUN_MINUTES {cfg['RUN_MINUTES']:g}: training steps stopped in epoch {state['epoch']} to leave time "
+                "for its validation, checkpoints" + (f" and {cfg['RESERVE_PASSES']} prediction passes"
+                                                    if cfg["RESERVE_PASSES"] else "")
+                + "; continue later with --resume")
+            break
     return select
+
+
+def checkpoint_megabytes(run):
+    """Megabytes of one checkpoint: the weights, their average and AdamW's two moments of each trained weight."""
+    weights = sum(t.numel() * t.element_size() for t in run.net.state_dict().values())
+    trained = sum(p.numel() * p.element_size() for p in run.net.parameters() if p.requires_grad)
+    return (weights * (2 if run.ema else 1) + 2 * trained) / 2**20
+
+
+def epoch_line(row, limit, improved, clock, epoch):
+    """The log line of an epoch: losses, val AP50 (and its share of the ceiling, each class's), LR, seconds,
+    elapsed and ETA, and on a GPU the epoch's peak memory."""
+    per_class = [row.get(f"val_ap50_class{k}") for k in range(1, NUM_CLASSES + 1)]
+    return (f"epoch {epoch}: train loss {row.get('train_loss', float('nan')):.4f}  val loss {row['val_loss']:.4f}  "
+            f"val AP50 {row['val_ap50']:.4f}"
+            + (f" ({row['val_ap50'] / limit['ap50']:.0%} of the ceiling)" if limit and limit["ap50"] > 0 else "")
+            + (" [class " + " ".join("-" if v is None or v != v else f"{v:.2f}" for v in per_class) + "]"
+               if any(v is not None for v in per_class) else "")
+            + f"  AP {row['val_ap']:.4f}  lr {row['lr']:.2e}  {row['epoch_seconds']:.0f}s, {clock.eta(epoch)}"
+            + (f"  GPU peak {row['gpu_peak_allocated_gb']:.1f}/{row['gpu_peak_reserved_gb']:.1f} GB (allocated/"
+               "reserved)" if "gpu_peak_allocated_gb" in row else "")
+            + (f"  skipped {row['skipped_steps']} non-finite, {row['oom_steps']} out-of-memory step(s)"
+               if row["skipped_steps"] or row["oom_steps"] else "")
+            + ("  (best)" if improved else ""))
 
 
 def step_schedule(cfg, run, ap50, log):
@@ -454,13 +522,30 @@ def plot_curves(history, path):
 
 
 # ---- main ----------------------------------------------------------------------------------------
+# what stops a run with 'error: <message>' instead of a traceback
+ERRORS = (DataError, PretrainedWeightsError, FloatingPointError, CheckpointError, ddp.PeerFailure,
+          engine.OutOfMemoryStop, OSError)
+
+
 def main(argv=None):
+    start = time.time()  # RUN_MINUTES counts from here
     cfg, ckpt = resolve_config(argv)  # ckpt: the run's last.pt when resuming
     rank, world, device = ddp.setup_distributed(cfg)
     try:
         if ddp.distributed():  # a default runs/<time> may differ by a second between processes: take rank 0's
             cfg["RUN_DIR"] = ddp.broadcast_from_rank0(cfg["RUN_DIR"])
-        return train(cfg, ckpt, rank, world, device)
+        log_file = Path(cfg["RUN_DIR"]) / "train.log"
+        if (log_file.parent / "last.pt").exists() and not cfg["RESUME"]:
+            raise SystemExit(f"{log_file.parent} already holds a run (last.pt); continue it with --resume, "
+                             "or choose another --run-dir")
+        with tee_output(log_file) if rank == 0 else nullcontext():  # rank 0 prints the run's lines
+            try:
+                return train(cfg, ckpt, rank, world, device, start)
+            except BaseException as e:  # the reason a run stopped stays in its log (the console shows it anyway)
+                if rank == 0:
+                    with open(log_file, "a", encoding="utf-8") as f:
+                        f.write(f"error: {type(e).__name__}: {e}\n")
+                raise
     finally:
         ddp.leave()
 
@@ -471,14 +556,14 @@ def make_demo(cfg):
         make_demo_data(cfg["DATA_DIR"], seed=cfg["SEED"])
 
 
-def train(cfg, ckpt, rank, world, device):
+def train(cfg, ckpt, rank, world, device, start=None):
+    """The run, in this process: data, model, the fit loop; a demo run then predicts its test images.
+    start: time.time() when the process started (RUN_MINUTES counts from it; None: now)."""
+    start = time.time() if start is None else start
     log = print if rank == 0 else (lambda *a, **k: None)
     run_dir = Path(cfg["RUN_DIR"])
     if cfg["DEMO"]:  # rank 0 makes it; the others wait for it (or its error)
         ddp.on_rank0("making the demo data", lambda: make_demo(cfg))
-    if (run_dir / "last.pt").exists() and not cfg["RESUME"]:
-        raise SystemExit(f"{run_dir} already holds a run (last.pt); continue it with --resume, "
-                         "or choose another --run-dir")
     seed_everything(cfg["SEED"] + rank)  # the same initial weights are broadcast from rank 0 by DDP
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = cfg["CUDNN_BENCHMARK"]
@@ -488,7 +573,7 @@ def train(cfg, ckpt, rank, world, device):
     if rank == 0:
         write_run_files(cfg, run, data)
     log_start(cfg, run, data, device, world, log)
-    select = fit(cfg, run, data, device, log)
+    select = fit(cfg, run, data, device, log, start)
     if ddp.distributed():
         digest = ddp.check_ranks_in_sync(run.net)
         log(f"DDP: the {world} processes hold identical weights (parameters sha256 {digest[:16]})")
@@ -503,5 +588,5 @@ def train(cfg, ckpt, rank, world, device):
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, PretrainedWeightsError, FloatingPointError, CheckpointError, ddp.PeerFailure, OSError) as e:
+    except ERRORS as e:
         raise SystemExit(f"error: {e}") from None

@@ -209,6 +209,45 @@ def atomic_write(path, mode="wb"):
         raise
 
 
+class Tee:
+    """A text stream that writes to `stream` and appends to a log file: what a person reads on the console, less
+    progress-bar redraws (writes holding a carriage return, and the line end that closes such a bar)."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log, self.in_bar = stream, log, False
+
+    def write(self, text):
+        n = self.stream.write(text)
+        if "\r" in text:
+            self.in_bar = True
+        elif not (self.in_bar and text.strip() == ""):
+            self.in_bar = False
+            self.log.write(text)
+            self.log.flush()
+        return n
+
+    def flush(self):
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding ... of the console stream (tqdm asks)
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def tee_output(path):
+    """Everything printed to stdout and stderr inside the block also appended to the text file `path` (created
+    with its folder; a resumed run's lines go after the earlier ones)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8", errors="replace") as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(out, log), Tee(err, log)
+        try:
+            yield path
+        finally:
+            sys.stdout, sys.stderr = out, err
+
+
 def write_csv(path, rows, fields):
     """rows (dicts) as a CSV file with these columns (other keys ignored, missing ones empty), atomically."""
     buf = io.StringIO()

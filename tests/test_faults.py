@@ -251,7 +251,7 @@ def test_non_finite_losses_are_skipped_then_stop(demo_dir):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     stats, skipped = engine.train_one_epoch(model, loader, opt, "cpu", cfg, {"epoch": 0, "step": 0},
                                            {"loss_classifier": 1.0})
-    assert skipped == 1 and torch.isfinite(model.w)
+    assert skipped == {"skipped_steps": 1, "oom_steps": 0} and torch.isfinite(model.w)
     always = NaNModel(set(range(1, 100)))
     monkey = pytest.MonkeyPatch()
     monkey.setattr(engine, "MAX_SKIPPED_STEPS", 3)
