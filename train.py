@@ -503,7 +503,7 @@ def save_epoch(cfg, run, data, streams, improved):
 
 
 def plot_curves(history, path):
-    """Learning curve: train/val loss (left axis) and val AP50 (right axis) per epoch."""
+    """Learning curve: train/val loss (left axis), val AP50 and each class's (right axis) per epoch."""
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(epochs, [h.get("train_loss", math.nan) for h in history], "o-", label="train loss")  # none: no step ran
@@ -512,10 +512,14 @@ def plot_curves(history, path):
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
     ax2.plot(epochs, [h["val_ap50"] for h in history], "^-", color="tab:green", label="val AP50")
+    for k, colour in zip(range(1, NUM_CLASSES + 1), ("tab:red", "tab:purple", "tab:brown", "tab:gray")):
+        ap = [h.get(f"val_ap50_class{k}", math.nan) for h in history]  # thin and dashed; NaN: no cell of it
+        if any(v == v for v in ap):
+            ax2.plot(epochs, ap, "--", linewidth=0.9, color=colour, label=f"val AP50 class {k}")
     ax2.set_ylabel("val AP50 (segm, maxDets 100)")
     ax2.set_ylim(0, 1)
     lines = ax.get_lines() + ax2.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="center right")
+    ax.legend(lines, [line.get_label() for line in lines], loc="center right", fontsize="small")
     fig.tight_layout()
     save_figure(fig, path)
     plt.close(fig)
