@@ -1,15 +1,17 @@
 """Train the report's Mask R-CNN on HW3 cells.
 
-    python train.py                                   # the recipe, on data/
+    python train.py                                  # the recipe, on data/
     python train.py --epochs 3 --backbone resnet18 --pretrained false
-    python train.py --run-dir runs/exp1 --resume      # continue runs/exp1 from last.pt
-    python train.py --demo true                       # synthetic data, CPU-sized, then inference
-    torchrun --nproc_per_node 2 train.py              # two GPUs (DistributedDataParallel), same constants
+    python train.py --run-dir runs/exp1 --resume     # continue runs/exp1 from last.pt
+    python train.py --run-minutes 600                # stop in time: validation and saves included
+    python train.py --demo true                      # synthetic data, CPU-sized, then inference
+    torchrun --nproc_per_node 2 train.py             # two GPUs (DistributedDataParallel)
 
-Every constant of the config block below can be set from the command line as --lower-case-with-dashes.
-A run folder gets config.json, split.json, metrics.csv, learning_curve.png, train.log, last.pt and best.pt.
-This file wires: data (dataset.py), model (model.py), the training step and validation (engine.py),
-DDP (ddp.py); validation predicts with infer.py's prediction constants, as the test set is predicted.
+Each constant below can be set on the command line as --lower-case-with-dashes VALUE.
+The run folder gets train.log, config.json, split.json, metrics.csv, learning_curve.png, last.pt
+and best.pt. Why the defaults are what they are: docs/levers.md, docs/sizing.md, docs/gpu.md.
+This file wires data (dataset.py), the model (model.py), the training step and validation
+(engine.py), the clock (clock.py) and DDP (ddp.py).
 """
 import math
 import time
@@ -37,80 +39,63 @@ from utils import (NUM_CLASSES, CheckpointError, apply_overrides, config_block, 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only backend)
 
-# ---- config: run (ablate.py sets these itself)
+# ---- what "auto" resolves to: pretrained (weights loaded) or scratch; why: docs/levers.md#the-auto-defaults
+AUTO_LR = {"pretrained": 5e-5, "scratch": 2e-4}  # LR
+AUTO_SCALE = {"pretrained": 0.0, "scratch": 1.0}  # SCALE
+AUTO_ROI_BATCH_SIZE = {"pretrained": 512, "scratch": 128}  # ROI_BATCH_SIZE
+
+# ---- config: run
 DATA_DIR = "data"             # dataset root (layout: data/README.md)
 RUN_DIR = ""                  # run folder; '' = runs/<date-time> (runs/demo-<date-time> with --demo)
 RESUME = False                # continue RUN_DIR from its last.pt (also with a larger --epochs)
-DEMO = False                  # synthetic data in data/demo + the CPU settings of DEMO_SETTINGS, then inference
+DEMO = False                  # synthetic data in data/demo, CPU-sized settings (DEMO_SETTINGS), then inference
 # ---- config: model
-BACKBONE = "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"  # any timm model name, or "torchvision/maskrcnn_resnet50_fpn_v2":
-                              # torchvision's COCO Mask R-CNN v2 taken whole (COCO weights from its hub or PRETRAINED_WEIGHTS)
-PRETRAINED = True             # true: ImageNet weights from timm's hub (COCO weights from torchvision's for the COCO model)
-PRETRAINED_WEIGHTS = ""       # local weights file (.safetensors/.pth, e.g. Kaggle without internet); wins over the hub
-FREEZE_BN = "auto"            # auto: frozen where pretrained weights were loaded (batch 1 makes live statistics
-                              # noise), live for a random backbone (frozen, it could never learn); true | false
-FREEZE_FPN_BN = "auto"        # COCO model (its FPN has BatchNorm): freeze that too; auto: where FREEZE_BN freezes and
-                              # BATCH_SIZE < 8 (one image's statistics a step are noise) | true | false
+BACKBONE = "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"  # a timm model name, or
+                              # "torchvision/maskrcnn_resnet50_fpn_v2": torchvision's COCO Mask R-CNN taken whole
+PRETRAINED = True             # start from the hub's weights (ImageNet for timm, COCO for the COCO model)
+PRETRAINED_WEIGHTS = ""       # local weights file (.safetensors/.pth), used instead of the hub
+FREEZE_BN = "auto"            # backbone BatchNorm frozen: auto (frozen if pretrained, live from scratch) | true | false
+FREEZE_FPN_BN = "auto"        # COCO model's FPN BatchNorm frozen: auto (as FREEZE_BN, if BATCH_SIZE < 8) | true | false
 FPN_CHANNELS = 256            # FPN and RoI-head width (256 for the COCO model)
-HEADS = "standard"            # standard: torchvision's box head | cascade: Cascade R-CNN's three stages (IoU
-                              # 0.5/0.6/0.7, heads.py)
-ROI_BATCH_SIZE = "auto"       # RoIs sampled per image for the box head (at most 25% cells; cascade's later stages reuse
-                              # them); the mask head trains on those cells: about half a step's cost at 512. auto: 512
-                              # (torchvision's) with pretrained weights, 128 from scratch (about twice the steps in the
-                              # same time); at least 4 (a quarter of fewer rounds down to no cell)
+HEADS = "standard"            # box head: standard (torchvision's) | cascade (three stages, IoU 0.5/0.6/0.7)
+ROI_BATCH_SIZE = "auto"       # RoIs sampled an image for the box head (<= 25% cells, the mask head's): >= 4 | auto
 LOSSES = "stock"              # loss preset: stock | ciou_dice_boundary | report (losses.py)
-LOSS_WEIGHTS = {}             # {"loss_boundary": 0.5, ...}: overrides the preset's weight of a term
+LOSS_WEIGHTS = {}             # a term's weight over the preset's, e.g. {"loss_boundary": 0.5}
 # ---- config: input and augmentation
-MIN_SIZE = 800                # shorter side resized to MIN_SIZE (torchvision's rule) ...
-MAX_SIZE = 1333               # ... unless the longer side would pass MAX_SIZE; never a longer input side
-SCALE = "auto"                # > 0: resize every image by this fixed factor instead (2.0 = the top entries'
-                              # 2x upscaling); training crops a random MAX_SIZE/SCALE window from larger
-                              # images, inference tiles them (infer.py TILE); 0 = MIN_SIZE/MAX_SIZE's rule;
-                              # auto: 0 with pretrained weights (the recipe's sizing), 1 from scratch
-SCALE_JITTER = [1.0, 1.0]     # [lo, hi]: each training image resized by a random factor in [lo, hi] times the sizing
-                              # rule's, then cropped to at most MAX_SIZE ([0.5, 2.0]: the 0.639 entry's); [1, 1] = off
-TO_GRAY = 0.1                 # probability of a to-gray image (the recipe's 10%); 0 = off, where colour tells classes apart
-STAIN_AUG = 0.0               # probability of a stain jitter (HED colour space, dataset.HEDJitter) + brightness/contrast
-STAIN_STRENGTH = 0.05         # the jitter's strength s: each stain's concentration times [1-s, 1+s] plus [-s, s]
-                              # (optical density, -ln; 0.05 moves the course sample's mean colour <= 20 grey levels)
+MIN_SIZE = 800                # SCALE 0: the shorter side resized to MIN_SIZE px ...
+MAX_SIZE = 1333               # ... unless the longer would pass MAX_SIZE; never a longer input side (crops, tiles)
+SCALE = "auto"                # input size factor: > 0 fixed (larger images cropped/tiled) | 0: MIN/MAX_SIZE | auto
+SCALE_JITTER = [1.0, 1.0]     # [lo, hi]: each training image at a random lo..hi times its size; [1, 1] = off
+TO_GRAY = 0.1                 # probability of a to-gray training image; 0 = off
+STAIN_AUG = 0.0               # probability of an HED stain jitter plus brightness/contrast; 0 = off
+STAIN_STRENGTH = 0.05         # the stain jitter's strength s: each stain x [1-s, 1+s] plus [-s, s]
 # ---- config: optimisation
 EPOCHS = 50                   # at most this many epochs (early stopping may end sooner)
-MAX_MINUTES = 0.0             # > 0: stop when training steps alone (no validation, no saving) have taken this
-                              # long, mid-epoch if need be: equal training time for comparisons (ablate.py --minutes)
-RUN_MINUTES = 0.0             # > 0: the whole run's wall-clock from start, validation and checkpoints included;
-                              # training stops in time to validate and save (a resume gets its own); 0 = none
-RESERVE_PASSES = 0            # RUN_MINUTES keeps time free for this many image passes predicted after training
-                              # (test images x TTA passes; the notebook's), at the measured val seconds a pass
+MAX_MINUTES = 0.0             # > 0: stop when training steps alone took this long (equal-time comparisons); 0 = none
+RUN_MINUTES = 0.0             # > 0: the whole run's minutes, validation and saves included (a resume: anew); 0 = none
+RESERVE_PASSES = 0            # image passes predicted after training that RUN_MINUTES keeps time for (notebook)
 BATCH_SIZE = 1                # images per step (per process under torchrun)
-LR = "auto"                   # AdamW learning rate; auto: 5e-5 (the recipe's fine-tuning rate) with pretrained
-                              # weights, 2e-4 for a backbone from scratch
+LR = "auto"                   # AdamW learning rate | auto
 WEIGHT_DECAY = 1e-3           # AdamW weight decay
-WARMUP_ITERS = 500            # linear warm-up from LR/1000 (capped at one epoch)
-SCHEDULE = "plateau"          # LR after the warm-up. plateau: the recipe's ReduceLROnPlateau (LR_PATIENCE, LR_FACTOR);
-                              # cosine: a half cosine from LR to 0 over the budget (EPOCHS, or MAX_MINUTES where sooner)
-LR_PATIENCE = 2               # SCHEDULE plateau: when val AP50 has not improved for more than this many epochs ...
-LR_FACTOR = 0.5               # ... the LR is multiplied by this
+WARMUP_ITERS = 500            # steps of linear warm-up from LR/1000 (at most one epoch)
+SCHEDULE = "plateau"          # LR after the warm-up: plateau (x LR_FACTOR on a plateau) | cosine (to 0 over EPOCHS)
+LR_PATIENCE = 2               # plateau: epochs without a better val AP50 tolerated before the LR drops ...
+LR_FACTOR = 0.5               # ... by this factor
 EARLY_STOP_PATIENCE = 7       # stop after this many epochs without a better val AP50
 GRAD_CLIP = 10.0              # max gradient norm; 0 = off
-EMA = 0.0                     # decay of an exponential moving average of the weights (timm ModelEmaV3, warm-up aware),
-                              # e.g. 0.999 (timm's warm-up keeps it below ~0.998 in a HW3-length run); validation,
-                              # best.pt and infer.py use the average; 0 = off
-SEED = 42                     # initialisation, data order and augmentation (the split has its own SPLIT_SEED, so
-                              # seeds of one configuration share their val split)
-# ---- config: validation (predicts with infer.py's prediction constants, recorded in config.json)
+EMA = 0.0                     # decay of a weight average used by validation, best.pt, infer.py (e.g. 0.999); 0 = off
+SEED = 42                     # initialisation, data order and augmentation
+# ---- config: validation (predicts with infer.py's prediction constants)
 VAL_FRACTION = 0.1            # share of training images held out for validation (0 = none: best.pt = last.pt)
-SPLIT_SEED = 42               # the seeded train/val split
-MIN_VAL_IMAGES = 5            # a smaller val split is logged but picks nothing (best.pt = latest weights, no LR
-                              # plateau, no early stop): the AP50 of one or two images is noise
+SPLIT_SEED = 42               # the seeded train/val split (seeds of one setting share it)
+MIN_VAL_IMAGES = 5            # a smaller val split is scored but picks nothing (best.pt, LR, early stop)
 VAL_DETECTIONS_PER_IMAGE = 1000  # detections kept per val image (infer.py DETECTIONS_PER_IMAGE at test time)
 # ---- config: machine
-AMP = "auto"                  # mixed precision for training: auto (GPU of capability >= 8.0: bf16; older GPUs
-                              # such as T4/P100: fp16 + GradScaler; CPU: off) | fp16 | bf16 | off
+AMP = "auto"                  # mixed precision: auto (bf16 on capability >= 8.0, fp16 on T4/P100, CPU off) | fp16 |
+                              # bf16 | off
 DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ... (under torchrun: each process its LOCAL_RANK GPU)
 NUM_WORKERS = 2               # data-loading processes
-CUDNN_BENCHMARK = False       # true: cuDNN times kernels for every new input shape. Off: every image has its own
-                              # size (and the mask head's RoI count changes every step), so it would re-tune
-                              # again and again, with workspace spikes on a 16 GB T4 (docs/gpu.md)
+CUDNN_BENCHMARK = False       # cuDNN kernel timing for each new input shape (off: every image has its own size)
 # ---- end of config
 
 CONFIG = config_block(__file__)  # [(NAME, section, help)]
@@ -121,15 +106,6 @@ DEMO_SETTINGS = dict(
     ROI_BATCH_SIZE=128, MIN_SIZE=128, MAX_SIZE=192, EPOCHS=10, BATCH_SIZE=2, LR=1e-3, WARMUP_ITERS=20,
     VAL_FRACTION=0.2, VAL_DETECTIONS_PER_IMAGE=200, NUM_WORKERS=0, EARLY_STOP_PATIENCE=5,
 )
-AUTO_LR = {"pretrained": 5e-5, "scratch": 2e-4}  # LR "auto" (from scratch, a resnet18 run scored ~3x the AP50 at 2e-4)
-# SCALE "auto": the recipe's sizing for a pretrained backbone (its GPU recipe; 1 not measured there); from scratch
-# each cell at its own size (README's resnet18 at MAX_SIZE 512 against MIN_SIZE/MAX_SIZE 384/512, 10 minutes a run,
-# 6 seeds: test AP50 +0.068 ± 0.052 seed by seed, better on 5 of 6; not measured at 800/1333)
-AUTO_SCALE = {"pretrained": 0.0, "scratch": 1.0}
-# ROI_BATCH_SIZE "auto": torchvision's 512 for the pretrained recipe (128 not measured there); from scratch 128
-# (README's resnet18, 10 CPU minutes a run, 3 seeds: 1.9x the steps, test AP50 0.387 ± 0.034 against 0.363 ± 0.019
-# at 512, within the spread)
-AUTO_ROI_BATCH_SIZE = {"pretrained": 512, "scratch": 128}
 SCHEDULES = ("plateau", "cosine")
 METRIC_FIELDS = ["epoch", "lr", "train_loss", *losses.LOSS_TERMS, "val_loss", "val_ap50", "val_ap",
                  *[f"val_ap50_class{k}" for k in range(1, NUM_CLASSES + 1)], "skipped_steps", "oom_steps",
