@@ -500,7 +500,7 @@ def synth_image(rng, height, width, density=0.55):
 def make_demo_data(root, n_train=40, n_test=8, size_range=(96, 176), seed=0):
     """Write a synthetic dataset in the exact HW3 layout under `root` (RGBA LZW image.tif, float64
     class files present only where the class occurs, test_release/ and the id table), and the test
-    images' ground truth as test_gt_coco.json (what ablate.py scores against)."""
+    images' ground truth as test_gt_coco.json (what bench/ablate.py scores against)."""
     root = Path(root)
     rng = np.random.default_rng(seed)
     for n in range(n_train):

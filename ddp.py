@@ -120,7 +120,7 @@ def gather_rng(generator, device):
 def restore_rng(ckpt, generator, rank, world, device, fallback_seed):
     """Put this process's random streams back from a checkpoint saved by any number of processes on any
     machine. Returns notes on what could not be restored."""
-    streams = ckpt.get("rng_ranks") or [(ckpt["rng"], ckpt["loader_rng"])]  # older checkpoints: rank 0's
+    streams = ckpt["rng_ranks"]
     notes = []
     if len(streams) != world:
         notes.append(f"the checkpoint holds the random streams of {len(streams)} process(es); this run has {world}")

@@ -1,5 +1,5 @@
 """The training engine: the AMP rule, the one training step, an epoch of steps, the weight average (EMA),
-and validation (loss, then predict + score). train.py wires these; peer.py and the benchmarks under bench/
+and validation (loss, then predict + score). train.py wires these; bench/peer.py and the benchmarks under bench/
 call the same train_step, so what they time is what users run (as torchvision's references/detection keep
 engine.py apart from train.py).
 """
@@ -312,7 +312,7 @@ def evaluate_model(model, dataset, device, opts, coco_gt=None, num_workers=0):
 
 
 def best_so_far(ap50, best_ap50):
-    """best.pt's rule (train.py's for ours, peer.py's for the peer): are these weights the best so far, and the
+    """best.pt's rule (train.py's for ours, bench/peer.py's for the peer): are these weights the best so far, and the
     best val AP50 now. A NaN val AP50 (val images without cells) counts as none; until one has picked weights,
     the latest are the best."""
     score = -math.inf if math.isnan(ap50) else ap50

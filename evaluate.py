@@ -1,6 +1,6 @@
 """Scoring, the leaderboard's way: pycocotools COCOeval, iouType segm, maxDets (1, 10, 100), of
 submission-format records against COCO ground truth. Depends on nothing that predicts: train.py's
-validation (through engine.py), infer.py (--eval, --sweep) and ablate.py hand it records.
+validation (through engine.py), infer.py (--eval, --sweep) and bench/ablate.py hand it records.
 
 COCO ground truth from masks or from a file, COCOeval AP50/AP, and the cell papers' matching accuracy
 (as torchvision's references keep coco_eval.py apart).
@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from utils import NUM_CLASSES, _bytes_rle, coco_dict
+from utils import NUM_CLASSES, bytes_rle, coco_dict
 
 
 def coco_ground_truth(images):
@@ -40,7 +40,7 @@ def coco_evaluate(coco_gt, results, max_dets=100, img_ids=None):
                 "per_class_ap50": {k: (0.0 if coco_gt.getAnnIds(imgIds=img_ids, catIds=[k]) else float("nan"))
                                    for k in range(1, NUM_CLASSES + 1)}}
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes([dict(r, segmentation=_bytes_rle(r["segmentation"])) for r in results])
+        coco_dt = coco_gt.loadRes([dict(r, segmentation=bytes_rle(r["segmentation"])) for r in results])
         ev = COCOeval(coco_gt, coco_dt, iouType="segm")
         ev.params.imgIds = img_ids
         ev.params.maxDets = [1, 10, max_dets]
@@ -102,13 +102,13 @@ def matching_accuracy(coco_gt, results, iou_threshold=0.5, min_score=0.5):
             by_image.setdefault(r["image_id"], []).append(r)
     tp = fp = fn = 0
     for img_id in coco_gt.getImgIds():
-        gts = [_bytes_rle(a["segmentation"]) for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_id))]
+        gts = [bytes_rle(a["segmentation"]) for a in coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=img_id))]
         preds = sorted(by_image.get(img_id, []), key=lambda r: -r["score"])
         if not gts or not preds:
             fp += len(preds)
             fn += len(gts)
             continue
-        ious = mask_utils.iou([_bytes_rle(p["segmentation"]) for p in preds], gts, [0] * len(gts))
+        ious = mask_utils.iou([bytes_rle(p["segmentation"]) for p in preds], gts, [0] * len(gts))
         matched = np.zeros(len(gts), bool)
         for row in np.asarray(ious).reshape(len(preds), len(gts)):
             row = np.where(matched, -1.0, row)

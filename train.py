@@ -33,7 +33,7 @@ from model import (COCO_MODEL, HEAD_CLASSES, PretrainedWeightsError, build_model
                    freeze_fpn_bn_setting, load_weights, parse_freeze_bn, set_thresholds)
 from clock import RunClock, hours_minutes
 from predict import in_order_loader, predict_options, tta_passes
-from utils import (NUM_CLASSES, CheckpointError, apply_overrides, config_block, load_checkpoint, save_checkpoint,
+from utils import (CHECKPOINT_FORMAT, NUM_CLASSES, CheckpointError, apply_overrides, config_block, load_checkpoint, save_checkpoint,
                    save_figure, save_json, seed_everything, tee_output, write_csv)
 
 matplotlib.use("Agg")
@@ -118,16 +118,12 @@ def resolve_config(argv=None):
     """The run's configuration: the constants above, the command line over them; a resumed run's saved
     configuration over the defaults (what is given now wins); DEMO_SETTINGS under --demo; FREEZE_BN, LR, SCALE
     and ROI_BATCH_SIZE 'auto' resolved; bad values refused. Returns (cfg, the run's last.pt when resuming, else None)."""
-    cfg, given = apply_overrides(globals(), CONFIG, argv, description=__doc__, renamed={
-        "--mask-threshold": "validation predicts with infer.py's prediction constants (infer.py --mask-threshold)"})
+    cfg, given = apply_overrides(globals(), CONFIG, argv, description=__doc__)
     on_command_line = set(given)
     ckpt = None
     if cfg["RESUME"] and cfg["RUN_DIR"]:  # a resumed run keeps its configuration, but for what is given now
         ckpt = load_checkpoint(Path(cfg["RUN_DIR"]) / "last.pt")
-        saved = {k: v for k, v in ckpt["config"].items() if k in cfg}  # constants since removed are dropped:
-        for k in sorted(set(ckpt["config"]) - set(cfg)):  # said, with what now stands in for them
-            now = f"; validation now predicts with infer.py's {k} {getattr(infer, k)!r}" if k in infer.PREDICTION else ""
-            print(f"resume: {k}={ckpt['config'][k]!r} of this run is no longer a train.py constant{now}")
+        saved = ckpt["config"]
         if "SCHEDULE" in given and "SCHEDULE" in saved and cfg["SCHEDULE"] != saved["SCHEDULE"]:
             raise SystemExit(f"--schedule {cfg['SCHEDULE']}: this run trained with SCHEDULE {saved['SCHEDULE']}, and a "
                              "resume cannot switch (the LR would go on from where the other schedule left it); "
@@ -136,7 +132,7 @@ def resolve_config(argv=None):
         given = set(saved) | given
     if cfg["DEMO"]:
         cfg.update({k: v for k, v in DEMO_SETTINGS.items() if k not in given})
-    resolve_training_defaults(cfg, fresh=ckpt is None, forced_now="FREEZE_BN" in on_command_line)
+    resolve_training_defaults(cfg, fresh=ckpt is None)
     if "MIN_SIZE" in on_command_line and cfg["SCALE"] > 0:
         print(f"--min-size {cfg['MIN_SIZE']} is not used: SCALE {cfg['SCALE']:g} sizes the input (SCALE auto is 1 "
               "from scratch); --scale 0 for the MIN_SIZE/MAX_SIZE rule")
@@ -181,10 +177,10 @@ def check_levers(cfg):
         raise SystemExit(f"--reserve-passes {cfg['RESERVE_PASSES']}: a number of image passes >= 0")
 
 
-def resolve_training_defaults(cfg, fresh=True, forced_now=False):
+def resolve_training_defaults(cfg, fresh=True):
     """FREEZE_BN, FREEZE_FPN_BN, LR, SCALE and ROI_BATCH_SIZE as the run will use them (in place): 'auto' follows
-    whether the backbone starts from pretrained weights. A new run that would freeze a random backbone's BatchNorm is refused, and so
-    is resuming one (the old FREEZE_BN default did it) unless --freeze-bn is given now."""
+    whether the backbone starts from pretrained weights. A new run that would freeze a random backbone's BatchNorm
+    is refused."""
     try:
         cfg["FREEZE_BN"] = parse_freeze_bn(cfg["FREEZE_BN"])
     except ValueError as e:
@@ -195,11 +191,6 @@ def resolve_training_defaults(cfg, fresh=True, forced_now=False):
                          "--pretrained-weights) would fix BatchNorm at its initial values for ever, and timm "
                          "zero-initialises the last BatchNorm of every residual block: every residual branch "
                          "would output zero. Use --freeze-bn auto (or false) to train from scratch.")
-    if not fresh and cfg["FREEZE_BN"] is True and not pretrained and not forced_now:
-        raise SystemExit("this run froze the BatchNorm of a randomly initialised backbone (the old FREEZE_BN "
-                         "default), which keeps every residual branch of timm's backbone at zero. Continue it "
-                         "with --freeze-bn false (live BatchNorm from here on; the weights load either way), "
-                         "or with --freeze-bn true to keep it as it was.")
     try:
         cfg["FREEZE_FPN_BN"] = freeze_fpn_bn_setting(cfg)  # after FREEZE_BN, which 'auto' follows
     except ValueError as e:
@@ -468,7 +459,7 @@ def save_epoch(cfg, run, data, streams, improved):
     ckpt = {"model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "state": run.state,
             "config": cfg, "epoch": run.state["epoch"], "train_ids": data.train_ids, "val_ids": data.val_ids,
-            "rng": streams[0][0], "loader_rng": streams[0][1], "rng_ranks": streams}
+            "rng_ranks": streams, "format": CHECKPOINT_FORMAT}
     if run.ema:  # infer.py predicts with these (model.load_weights(averaged=True))
         ckpt["ema"] = run.ema.state_dict()
     if improved:

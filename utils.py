@@ -25,7 +25,7 @@ NUM_CLASSES = 4  # cell classes 1..4; the model adds background as class 0
 
 # ----------------------------------------------------------------------------------------------
 # configuration: UPPER_CASE constants at the top of a script, overridable as --lower-case VALUE
-def _parse_bool(text):
+def parse_bool(text):
     value = str(text).strip().lower()
     if value in ("true", "1", "yes", "y", "on"):
         return True
@@ -113,7 +113,7 @@ def apply_overrides(namespace, block, argv=None, description=None, renamed=None)
         shown = json.dumps(default) if isinstance(default, (list, dict)) else repr(default)
         common = dict(default=default, dest=name, help=f"{text} [default: {shown}]".replace("%", "%%").strip())
         if isinstance(default, bool):
-            group.add_argument(flag, type=_parse_bool, nargs="?", const=True, metavar="true|false", **common)
+            group.add_argument(flag, type=parse_bool, nargs="?", const=True, metavar="true|false", **common)
         elif isinstance(default, int):
             group.add_argument(flag, type=int, **common)
         elif isinstance(default, float):
@@ -165,13 +165,6 @@ def set_rng_state(state, device=None, cuda_seed=0):
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda")
     on_gpu = device is not None and torch.device(device).type == "cuda"
-    if isinstance(cuda, (list, tuple)):  # older checkpoints: get_rng_state_all(), one per visible GPU
-        index = (torch.device(device).index or 0) if on_gpu else 0
-        if on_gpu and index >= len(cuda):
-            _seed_cuda(device, cuda_seed)
-            return [f"the checkpoint holds CUDA random states of {len(cuda)} GPU(s), none for {device}: "
-                    f"its CUDA stream starts from seed {cuda_seed}"]
-        cuda = cuda[index] if cuda else None
     if cuda is not None and not on_gpu:
         return [f"the checkpoint's CUDA random state is not restored: this run is on {device or 'the CPU'}"]
     if cuda is None and on_gpu:
@@ -284,12 +277,7 @@ class CheckpointError(RuntimeError):
     pass
 
 
-# What a run written before a constant existed did without it: its checkpoint's config lacks the key, and
-# this is the value that run trained with. Filled in by load_checkpoint, the one place an old checkpoint is
-# read (the model's constants added after the first checkpoints; the others resume with today's defaults).
-CONFIG_BEFORE_IT_EXISTED = dict(HEADS="standard", SCALE=0.0, SCALE_JITTER=[1.0, 1.0], STAIN_AUG=0.0, EMA=0.0,
-                               STAIN_STRENGTH=0.05, FREEZE_FPN_BN=False, TO_GRAY=0.1,
-                               SCHEDULE="plateau")
+CHECKPOINT_FORMAT = 3  # train.py's checkpoint layout; load_checkpoint refuses others (earlier repo versions)
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -303,7 +291,10 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not a torch checkpoint): {e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"checkpoint {path} was not written by train.py (no 'model'/'config' entries)")
-    ckpt["config"] = {**CONFIG_BEFORE_IT_EXISTED, **ckpt["config"]}
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} was written by an earlier version of this repo (checkpoint format "
+                              f"{ckpt.get('format', 'before 3')}, this one reads {CHECKPOINT_FORMAT}): predict or "
+                              "resume with the version that wrote it, or train anew")
     return ckpt
 
 
@@ -324,18 +315,19 @@ def coco_dict(images):
     for im in images:
         out["images"].append({"id": int(im["id"]), "height": int(im["height"]), "width": int(im["width"])})
         for mask, label in zip(im["masks"], im["labels"]):
-            rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+            rle = encode_mask(mask)
             out["annotations"].append({
                 "id": len(out["annotations"]) + 1, "image_id": int(im["id"]), "category_id": int(label), "iscrowd": 0,
-                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode("ascii")},
-                "area": float(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)]})
+                "segmentation": rle, "area": float(mask_utils.area(bytes_rle(rle))),
+                "bbox": [float(v) for v in mask_utils.toBbox(bytes_rle(rle))]})
     return out
 
 
 def decode_mask(rle):
     """COCO RLE (counts as str or bytes) -> HxW uint8 mask."""
-    return mask_utils.decode(_bytes_rle(rle))
+    return mask_utils.decode(bytes_rle(rle))
 
 
-def _bytes_rle(rle):
+def bytes_rle(rle):
+    """A COCO RLE with its counts as bytes, as pycocotools takes it (submissions and JSON hold str)."""
     return {"size": rle["size"], "counts": rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]}

@@ -1,6 +1,6 @@
 """Training cost of each lever per step: the recipe, then HEADS cascade, EMA, SCALE_JITTER, STAIN_AUG and the
 COCO-start architecture, each alone, on the same realistic images (the real HW3 geometry, painted), with
-torchvision's stock Mask R-CNN (peer.py) measured last in the same run.
+torchvision's stock Mask R-CNN (bench/peer.py) measured last in the same run.
 
     python -m bench.levers                                  # CPU: resnet18, 384/512 px (as the README's ablation)
     python -m bench.levers --device cuda --amp fp16 --backbone seresnextaa101d_32x8d.sw_in12k_ft_in1k_288 \\
@@ -11,8 +11,8 @@ Ours samples the pretrained recipe's 512 RoIs an image; `--roi-batch-size auto` 
 Each configuration trains `--steps` steps (after `--warmup` untimed ones) over the same images in the same
 order with the same seed: data seconds (reading, augmentation, resizing, masks) and step seconds per step,
 their sum, and the ratio of that sum to the recipe's. The step is engine.train_step, the one train.py runs:
-forward, backward, GRAD_CLIP, AdamW, the EMA update (ours); the peer's row is peer.py's step (its SGD, no
-clipping, no EMA) on the images at its input size, as peer.py hands them over. The COCO row is torchvision's
+forward, backward, GRAD_CLIP, AdamW, the EMA update (ours); the peer's row is bench/peer.py's step (its SGD, no
+clipping, no EMA) on the images at its input size, as bench/peer.py hands them over. The COCO row is torchvision's
 Mask R-CNN v2 architecture (ResNet-50, 4-conv heads) with random weights (its cost does not depend on them):
 compare it with the `recipe, resnet50` row, which `--with-resnet50` adds.
 """
@@ -26,8 +26,8 @@ import torch
 
 import engine
 import losses
-import peer
 import train
+from bench import peer
 from bench.procmem import sync
 from bench.realistic_data import make_realistic_data
 from dataset import CellDataset

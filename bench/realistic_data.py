@@ -9,7 +9,7 @@ validation images (assets/hw3-real/val_geometry_coco.json.gz: masks, classes, im
 Writes OUT/train/<uuid>/image.tif (RGBA uint8, LZW) + class{k}.tif (float64 instance ids, present only
 where class k occurs) for the training part; OUT/test_release/<uuid>.tif, OUT/test_image_name_to_ids.json
 and OUT/test_gt_coco.json (COCO ground truth of the test part, image ids from the id table) for the test
-part (ablate.py scores it); OUT/README.txt says how it was made.
+part (bench/ablate.py scores it); OUT/README.txt says how it was made.
 
 Painting, per image (all seeded): one of two stains (H&E-like purple on pink, or brown as the course
 sample), a background with a low-frequency stain field and fibre

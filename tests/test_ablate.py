@@ -1,4 +1,4 @@
-"""ablate.py on a tiny grid: tables and plot, checkpoints reused for inference-only constants, finished
+"""bench/ablate.py on a tiny grid: tables and plot, checkpoints reused for inference-only constants, finished
 runs skipped, interrupted runs continued, a time budget, seeds (mean and spread), the tuned peer chosen on
 val, and a clear error for a bad name."""
 import argparse
@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-import ablate
+from bench import ablate
 import engine
 import infer
-import peer
+from bench import peer
 import predict
 import train
 from bench.realistic_data import make_realistic_data
 from conftest import tiny_args
-from utils import load_checkpoint, save_checkpoint
+from utils import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 
 SHARED = dict(NUM_WORKERS=0, VAL_FRACTION=0.34, WARMUP_ITERS=1, VAL_DETECTIONS_PER_IMAGE=50)
 
@@ -213,7 +213,7 @@ def test_the_peer_grid_is_chosen_on_best_val_ap50_and_scored_from_best_pt(tmp_pa
         h = histories[(optimizer, lr, schedule)]
         state = {"epoch": 2, "step": 10, "train_seconds": 1.0, "history": [{"val_ap50": v} for v in h],
                  "best_ap50": max(h)}
-        save_checkpoint({"model": {}, "config": {}, "state": state}, run_dir / "last.pt")
+        save_checkpoint({"model": {}, "config": {}, "state": state, "format": CHECKPOINT_FORMAT}, run_dir / "last.pt")
         return run_dir / "best.pt"
 
     monkeypatch.setattr(peer, "train_peer", train_peer)

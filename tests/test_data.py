@@ -138,7 +138,7 @@ def test_course_material_is_in_the_repo_and_geometry_reads_both_segmentation_for
 
 
 def test_demo_data_carries_the_ground_truth_of_its_test_images(demo_dir):
-    """ablate.py scores the demo's test images: make_demo_data writes their COCO ground truth."""
+    """bench/ablate.py scores the demo's test images: make_demo_data writes their COCO ground truth."""
     import evaluate
     from dataset import read_test_table
     gt = evaluate.test_ground_truth(demo_dir)

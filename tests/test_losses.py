@@ -164,10 +164,10 @@ def test_report_presets_add_their_terms_as_the_report_composes_them():
 
 def test_preset_survives_the_checkpoint_round_trip(tmp_path, demo_dir):
     import infer
-    from utils import save_checkpoint
+    from utils import CHECKPOINT_FORMAT, save_checkpoint
     cfg = dict(TINY, LOSSES="report", LOSS_WEIGHTS={"loss_boundary": 0.5})
     model = build_model(cfg)
-    save_checkpoint({"model": model.state_dict(), "config": cfg}, tmp_path / "best.pt")
+    save_checkpoint({"model": model.state_dict(), "config": cfg, "format": CHECKPOINT_FORMAT}, tmp_path / "best.pt")
     loaded, ckpt = predict.load_model(tmp_path / "best.pt", "cpu", infer.prediction_settings(DETECTIONS_PER_IMAGE=10))
     assert isinstance(loaded.roi_heads, PresetRoIHeads) and loaded.roi_heads.classification == "focal"
     assert ckpt["config"]["LOSS_WEIGHTS"] == {"loss_boundary": 0.5}

@@ -158,19 +158,6 @@ def test_training_defaults_follow_the_backbone_start_or_refuse(tmp_path):
         train.resolve_config(run + ["--lr", "fast"])
 
 
-def test_resuming_a_run_with_frozen_batchnorm_on_a_random_backbone_needs_a_choice(tmp_path):
-    """Runs made under the old FREEZE_BN default (true, also from scratch) are not continued silently."""
-    import train
-    from utils import save_checkpoint
-    run = ["--run-dir", str(tmp_path)]
-    cfg, _ = train.resolve_config(run + ["--pretrained", "false"])
-    save_checkpoint({"model": {}, "config": dict(cfg, FREEZE_BN=True)}, tmp_path / "last.pt")
-    with pytest.raises(SystemExit, match="--freeze-bn false"):
-        train.resolve_config(run + ["--resume"])
-    assert train.resolve_config(run + ["--resume", "--freeze-bn", "false"])[0]["FREEZE_BN"] is False
-    assert train.resolve_config(run + ["--resume", "--freeze-bn", "true"])[0]["FREEZE_BN"] is True
-
-
 def test_a_seed_gives_the_initial_weights_of_torchvisions_own_constructor():
     """build_model makes its parts in the order MaskRCNN's constructor draws them: the same seed gives the
     same initial weights as torchvision's defaults (and as every run before the model was built in parts)."""

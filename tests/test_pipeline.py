@@ -10,7 +10,7 @@ import train
 from conftest import SIZING, TINY, tiny_args
 from dataset import CellDataset, collate, list_train_ids
 from model import build_model, set_thresholds
-from utils import load_checkpoint
+from utils import CheckpointError, load_checkpoint
 import engine
 import predict
 
@@ -209,56 +209,21 @@ def test_existing_run_is_not_overwritten_and_resume_continues(trained_run):
     assert (run_dir / "last.pt").stat().st_mtime_ns == mtime
 
 
-def test_resume_of_a_run_saved_before_newer_constants(trained_run, tmp_path):
-    """A last.pt written before SCALE / CUDNN_BENCHMARK existed resumes with their defaults."""
-    import shutil
-
-    from utils import save_checkpoint
-    run_dir, _ = trained_run
-    old = tmp_path / "old"
-    shutil.copytree(run_dir, old)
-    ckpt = load_checkpoint(old / "last.pt")
-    for key in ("SCALE", "CUDNN_BENCHMARK"):
-        del ckpt["config"][key]
-    save_checkpoint(ckpt, old / "last.pt")
-    train.main(["--run-dir", str(old), "--resume", "--epochs", str(ckpt["epoch"] + 1)])
-    resumed = load_checkpoint(old / "last.pt")
-    assert resumed["epoch"] == ckpt["epoch"] + 1 and resumed["config"]["SCALE"] == 0.0
-
-
-# The checkpoint forms written before the restructure into predict.py/engine.py (kept here as they were):
-# config keys of that train.py (MASK_THRESHOLD among them), and, older still, a config without the constants
-# added over time and rank 0's random streams only.
-OLD_CONFIG_KEYS = ["DATA_DIR", "RUN_DIR", "BACKBONE", "PRETRAINED", "PRETRAINED_WEIGHTS", "FREEZE_BN", "FPN_CHANNELS",
-                   "HEADS", "ROI_BATCH_SIZE", "MIN_SIZE", "MAX_SIZE", "SCALE", "SCALE_JITTER", "STAIN_AUG", "EMA",
-                   "EPOCHS", "MAX_MINUTES", "BATCH_SIZE", "LR", "WEIGHT_DECAY", "WARMUP_ITERS", "LR_PATIENCE",
-                   "LR_FACTOR", "EARLY_STOP_PATIENCE", "GRAD_CLIP", "AMP", "VAL_FRACTION", "MIN_VAL_IMAGES",
-                   "VAL_DETECTIONS_PER_IMAGE", "MASK_THRESHOLD", "SEED", "LOSSES", "LOSS_WEIGHTS", "NUM_WORKERS",
-                   "DEVICE", "CUDNN_BENCHMARK", "RESUME", "DEMO"]
-OLDEST_LACKS = ["HEADS", "SCALE", "SCALE_JITTER", "STAIN_AUG", "EMA", "MAX_MINUTES", "MIN_VAL_IMAGES", "CUDNN_BENCHMARK"]
-OLD_CHECKPOINT_KEYS = ["model", "optimizer", "scheduler", "scaler", "state", "config", "epoch", "train_ids", "val_ids",
-                       "rng", "loader_rng", "rng_ranks"]
-
-
-@pytest.mark.parametrize("form", ["before the restructure", "oldest"])
-def test_an_old_checkpoint_predicts_in_infer_and_resumes(trained_run, tmp_path, demo_dir, form):
+def test_a_checkpoint_of_an_earlier_repo_version_is_refused_clearly(trained_run, tmp_path, demo_dir):
+    """Checkpoints are read in today's format only (utils.CHECKPOINT_FORMAT): an older one is refused by infer.py
+    and by a resume, with the file and what to do named, not a KeyError deep inside."""
     import shutil
     run_dir, _ = trained_run
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
-    ckpt = load_checkpoint(old / "last.pt")
-    cfg = {k: ckpt["config"].get(k, 0.5) for k in OLD_CONFIG_KEYS}  # MASK_THRESHOLD 0.5
-    if form == "oldest":
-        cfg = {k: v for k, v in cfg.items() if k not in OLDEST_LACKS}
-    state = {k: ckpt[k] for k in OLD_CHECKPOINT_KEYS if not (form == "oldest" and k == "rng_ranks")}
-    torch.save({**state, "config": cfg}, old / "last.pt")
-    out = infer.main(["--checkpoint", str(old / "last.pt"), "--data-dir", str(demo_dir), "--output-json",
-                      str(tmp_path / "sub.json"), "--num-workers", "0", "--detections-per-image", "20"])
-    assert json.loads(open(out).read())  # a valid, non-empty submission
-    train.main(["--run-dir", str(old), "--resume", "--epochs", str(ckpt["epoch"] + 1)])
-    resumed = load_checkpoint(old / "last.pt")
-    assert resumed["epoch"] == ckpt["epoch"] + 1 and "MASK_THRESHOLD" not in resumed["config"]
-    assert resumed["config"]["HEADS"] == "standard" and resumed["config"]["SCALE"] == 0.0
+    ckpt = torch.load(old / "last.pt", weights_only=False)
+    del ckpt["format"]
+    torch.save(ckpt, old / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last.pt was written by an earlier version of this repo"):
+        infer.main(["--checkpoint", str(old / "last.pt"), "--data-dir", str(demo_dir), "--output-json",
+                    str(tmp_path / "sub.json"), "--num-workers", "0"])
+    with pytest.raises(CheckpointError, match="train anew"):
+        train.main(["--run-dir", str(old), "--resume", "--epochs", str(ckpt["epoch"] + 1)])
 
 
 def test_resume_reproduces_the_uninterrupted_run(trained_run, tmp_path):
@@ -334,7 +299,7 @@ def test_infer_fuses_an_ensemble_of_checkpoints(trained_run, demo_dir, tmp_path,
 
 
 def test_checkpoint_lists_split_after_pt_only(tmp_path):
-    """ablate.py's run folders hold commas ('heads=cascade,seed=42'): such a path stays one checkpoint."""
+    """bench/ablate.py's run folders hold commas ('heads=cascade,seed=42'): such a path stays one checkpoint."""
     run = tmp_path / "heads=cascade,seed=42"
     run.mkdir()
     (run / "best.pt").write_bytes(b"")

@@ -1,7 +1,7 @@
 """The peer: the model a user would pick instead of ours. torchvision's stock maskrcnn_resnet50_fpn recipe,
-trained and scored on the same data, split and budget as a train.py run (ablate.py --peer adds its row).
+trained and scored on the same data, split and budget as a train.py run (bench/ablate.py --peer adds its row).
 
-    python peer.py --data-dir data/realistic --run-dir runs/peer --backbone resnet18 --epochs 3 \\
+    python -m bench.peer --data-dir data/realistic --run-dir runs/peer --backbone resnet18 --epochs 3 \\
         --min-size 512 --max-size 683 [--minutes 6] [--weights-backbone resnet18.safetensors]
 
 What is stock (torchvision's models and references/detection/train.py, unchanged):
@@ -19,7 +19,7 @@ What is stock (torchvision's models and references/detection/train.py, unchanged
   budget as train.py's SCHEDULE cosine is: from lr to 0 over EPOCHS, or over the minutes where they end sooner.
 What a careful user adds, as train.py does for ours: val AP50 after every epoch and best.pt, the weights of
 the best val AP50 so far (the latest where val picks nothing: no val split, or fewer than MIN_VAL_IMAGES),
-which ablate.py tunes and scores.
+which bench/ablate.py tunes and scores.
 What is shared with ours: the training images (train.py's split, same seed and VAL_FRACTION), the
 input size (the images are handed over at the model's input size, as CellDataset does for ours, so
 no N x H x W float copy of the masks is made; the stock transform then resizes by 1), batch 1, the
@@ -44,10 +44,10 @@ import engine
 import evaluate
 import losses
 from dataset import CellDataset, TestDataset, collate, list_train_ids, split_ids
-from utils import NUM_CLASSES, encode_mask, load_checkpoint, save_checkpoint, seed_everything, write_csv
+from utils import CHECKPOINT_FORMAT, NUM_CLASSES, encode_mask, load_checkpoint, save_checkpoint, seed_everything, write_csv
 
 STOCK_WEIGHTS = losses.preset_weights("stock")  # torchvision's five terms, each weighted 1: their plain sum
-# What ablate.py --peer tries (each with the run's budget), choosing on the validation split: the references'
+# What bench/ablate.py --peer tries (each with the run's budget), choosing on the validation split: the references'
 # SGD at its scaled rate and 4x and 8x it, and AdamW around the rate a from-scratch user would try first.
 GRID = [(o, lr, "multistep") for o, lr in (("sgd", 0.00125), ("sgd", 0.005), ("sgd", 0.01), ("adamw", 1e-4),
                                            ("adamw", 2e-4), ("adamw", 4e-4))]
@@ -180,7 +180,6 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         state = ckpt["state"]
-        state.setdefault("best_ap50", -math.inf)  # a run from before best.pt: best.pt from its next epoch on
         torch.set_rng_state(ckpt["rng"])
         generator.set_state(ckpt["loader_rng"])
     coco_gt = evaluate.val_ground_truth(val_set) if len(val_set) else None
@@ -218,7 +217,7 @@ def train_peer(data_dir, run_dir, backbone="resnet50", epochs=26, minutes=0.0, m
         improved = improved or not select  # val picks nothing: the latest weights
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "state": state, "rng": torch.get_rng_state(),
-                "loader_rng": generator.get_state(), "epoch": state["epoch"],
+                "loader_rng": generator.get_state(), "epoch": state["epoch"], "format": CHECKPOINT_FORMAT,
                 "config": dict(BACKBONE=backbone, MIN_SIZE=min_size, MAX_SIZE=max_size, PEER=True,
                                WEIGHTS_BACKBONE=weights_backbone, OPTIMIZER=kind, LR=lr, SCHEDULE=schedule,
                                SEED=seed)}

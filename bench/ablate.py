@@ -3,10 +3,10 @@ same data, split and budget, through train.py's own code, each in its own run fo
 or more seeds, and scores every run on the same held-out test images (DATA_DIR/test_gt_coco.json, as
 `python -m bench.realistic_data` writes it).
 
-    python ablate.py --data-dir data/realistic --out runs/vs-peer --seeds 3 --peer --minutes 6 \\
+    python -m bench.ablate --data-dir data/realistic --out runs/vs-peer --seeds 3 --peer --minutes 6 \\
         --vary scale=0,1 -- --backbone resnet18 --pretrained false --min-size 512 --max-size 512 --epochs 30
-    python ablate.py ... --vary mask-threshold=0.5,0.6,0.7 -- ...          # inference only: no retraining
-    python ablate.py ... --vary 'loss-weights=[{"loss_box_ciou": 1}, {"loss_box_ciou": 5}]' -- ...
+    python -m bench.ablate ... --vary mask-threshold=0.5,0.6,0.7 -- ...          # inference only: no retraining
+    python -m bench.ablate ... --vary 'loss-weights=[{"loss_box_ciou": 1}, {"loss_box_ciou": 5}]' -- ...
 
 --vary NAME=v1,v2 (repeatable; a JSON list for values that hold commas) takes any train.py constant but those
 of its "run" section, or one of infer.py's prediction constants (SCORE_THRESHOLD, NMS_THRESHOLD, ...: these
@@ -19,7 +19,7 @@ one row with all the varied training values at once (one value each): each lever
 the val split, SPLIT_SEED, stays) and reports mean +- sd of each score.
 --ensemble (with --seeds >= 2) adds a row per configuration (with --each: for the base): each seed's best.pt fused
 with the next seed's (infer.py --checkpoint a,b: detections fused as TTA's), its steps and seconds the two runs' sums.
---peer adds torchvision's stock Mask R-CNN (peer.py), tuned as a user would: each optimiser setting of
+--peer adds torchvision's stock Mask R-CNN (bench/peer.py), tuned as a user would: each optimiser setting of
 peer.GRID (or --peer-grid: optimiser, LR and, optionally, the schedule: the references' multistep or cosine over
 the budget, as ours with --schedule cosine) trains with the first seed and the same budget, the best val AP50 picks one (the test images
 are never looked at for it), and that setting trains with every seed: the "peer (tuned)" row, and the ratio
@@ -49,12 +49,12 @@ import torch
 
 import evaluate
 import infer
-import peer
 import train
+from bench import peer
 from dataset import DataError, TestDataset
 from model import PretrainedWeightsError
 from predict import load_ensemble, predict_dataset, to_records
-from utils import (CheckpointError, _parse_bool, atomic_write, load_checkpoint, pick_device, save_figure, save_json,
+from utils import (CheckpointError, parse_bool, atomic_write, load_checkpoint, pick_device, save_figure, save_json,
                    write_csv)
 
 matplotlib.use("Agg")
@@ -69,7 +69,7 @@ TABLE_FIELDS = [("AP50", "ap50"), ("of ceiling", "ap50_share"), ("AP50 (1000 det
 
 
 def constants():
-    """{NAME: default} of the constants --vary takes: train.py's (but its "run" section, which ablate.py sets
+    """{NAME: default} of the constants --vary takes: train.py's (but its "run" section, which bench/ablate.py sets
     itself) and infer.py's prediction constants (no retraining)."""
     training = {name: getattr(train, name) for name, section, _ in train.CONFIG if section.split()[0] != "run"}
     inference = {name: getattr(infer, name) for name in infer.PREDICTION}
@@ -86,7 +86,7 @@ def parse_vary(items):
         flag, text = item.split("=", 1)
         name = flag.strip().lstrip("-").replace("-", "_").upper()
         if name not in training and name not in inference:
-            raise SystemExit(f"--vary {flag!r}: not a constant ablate.py can vary.\n  training (train.py): "
+            raise SystemExit(f"--vary {flag!r}: not a constant bench/ablate.py can vary.\n  training (train.py): "
                              + ", ".join(k.lower().replace("_", "-") for k in training)
                              + "\n  inference only (reuse the checkpoint): "
                              + ", ".join(k.lower().replace("_", "-") for k in inference))
@@ -107,7 +107,7 @@ def parse_vary(items):
 def typed(name, text, default):
     """A --vary value as infer.py would parse it (the type of the constant's default)."""
     if isinstance(default, bool):
-        return _parse_bool(text)
+        return parse_bool(text)
     if isinstance(default, (list, dict)):
         return json.loads(text)
     return type(default)(text) if isinstance(default, (int, float)) else text
@@ -242,7 +242,7 @@ def write_outputs(out, rows, varied_names, header, grid=()):
 
 
 def parse_args(argv):
-    """(ablate.py's own arguments, the train.py arguments after `--`)."""
+    """(bench/ablate.py's own arguments, the train.py arguments after `--`)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     shared = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
@@ -257,7 +257,7 @@ def parse_args(argv):
     ap.add_argument("--seeds", type=int, default=1, help="seeds per row (SEED, SEED+1, ...; the split stays)")
     ap.add_argument("--ensemble", action="store_true", help="with --seeds >= 2: also each seed's checkpoint fused "
                     "with the next seed's (a two-checkpoint ensemble; its cost: both runs)")
-    ap.add_argument("--peer", action="store_true", help="add torchvision's stock Mask R-CNN (peer.py), its "
+    ap.add_argument("--peer", action="store_true", help="add torchvision's stock Mask R-CNN (bench/peer.py), its "
                     "optimiser chosen on val from peer.GRID")
     ap.add_argument("--peer-grid", default="", metavar="OPT:LR[:SCHEDULE],...",
                     help="the peer's optimiser settings to try, e.g. adamw:1e-4,adamw:2e-4:cosine,sgd:0.01 (schedule: "
@@ -446,7 +446,7 @@ def main(argv=None):
         peer_rows, grid = run_peer(out, cfg, args, seeds, data_dir, device, coco_gt)
         rows += peer_rows
     budget = f"{cfg['EPOCHS']} epochs" + (f" or {args.minutes:g} min of training per run" if args.minutes else "")
-    header = (f"`python ablate.py {' '.join(args.own)} -- {' '.join(shared)}` on {data_dir} "
+    header = (f"`python -m bench.ablate {' '.join(args.own)} -- {' '.join(shared)}` on {data_dir} "
               f"({len(list((data_dir / 'train').iterdir()))} training images incl. val, "
               f"{len(coco_gt.getImgIds())} test images; {evaluate.format_ceiling(evaluate.ceiling(coco_gt))}); "
               f"seeds {', '.join(map(str, seeds))}; budget {budget}; runs one at a time on {device_name(device)}; "
