@@ -208,8 +208,8 @@ OOM_ADVICE = ("lower train.py MAX_SIZE (the largest input side; with SCALE > 0 a
               "ROI_BATCH_SIZE, or use fewer cells an image (SCALE > 0 crops); infer.py's RPN_PROPOSALS is test-time only")
 
 
-def train_one_epoch(model, loader, optimizer, device, cfg, state, weights, scaler=None, dtype=None, deadline=None,
-                    ema=None, clock=None):
+def train_one_epoch(model, optimizer, loader, device, state, cfg, *, weights, scaler=None, dtype=None,
+                    deadline=None, ema=None, clock=None):
     """One pass over the training split with train_step; returns the mean of each loss term (over all DDP
     processes) and the steps skipped, {'skipped_steps': non-finite loss or gradient norm, 'oom_steps': out of GPU
     memory on any process}. deadline: a time.time() at which the epoch ends early (MAX_MINUTES, RUN_MINUTES), on all

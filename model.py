@@ -31,6 +31,15 @@ ANCHOR_SIZES = ((4, 8), (16, 32), (32, 64), (64, 128), (128, 256))  # one pair p
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 COCO_FPN_CHANNELS = 256  # the width of torchvision's COCO model
 HEAD_CLASSES = {"standard": PresetRoIHeads, "cascade": CascadeRoIHeads}  # HEADS -> the RoI heads class (heads.py)
+
+
+def check_config(cfg):
+    """The model constants a configuration cannot build with (HEADS, the COCO model's FPN width): ValueError."""
+    if cfg["HEADS"] not in HEAD_CLASSES:
+        raise ValueError(f"HEADS {cfg['HEADS']!r}: choose one of {', '.join(HEAD_CLASSES)}")
+    if cfg["BACKBONE"] == COCO_MODEL and cfg["FPN_CHANNELS"] != COCO_FPN_CHANNELS:
+        raise ValueError(f"BACKBONE {COCO_MODEL} has {COCO_FPN_CHANNELS} FPN channels: set FPN_CHANNELS "
+                         f"{COCO_FPN_CHANNELS} (it is {cfg['FPN_CHANNELS']})")
 FPN_BN_MIN_BATCH = 8  # COCO start: the FPN's BatchNorm stays live only from this many images per process a step
 REPRESENTATION_SIZE = 1024  # the box head's output features (torchvision's TwoMLPHead and the COCO head)
 
@@ -140,13 +149,13 @@ class BoxMaskTransform(GeneralizedRCNNTransform):
     """torchvision's transform (normalise, batch), with two changes.
 
     - No resizing: images arrive at the model's input size already (dataset.resize_factor, done by
-      CellDataset for training and by infer.predict_image at inference), so ground-truth masks are
+      CellDataset for training and by predict.predict_image at inference), so ground-truth masks are
       only ever made at that size, as uint8. torchvision's resize turns all N masks of an image into
       one float32 N x H x W copy (772 masks of 1731x2162 px would take 11 GB).
     - At inference masks stay box-relative: the output has `mask_probs` (N,1,28,28) instead of
       `masks` (N,1,H,W). Pasting all N masks into full-size float images is what makes stock
       inference slow and memory-hungry at 1000 detections (1000 x 2500 x 1987 floats = 20 GB);
-      infer.to_results pastes each into its box region only.
+      predict.to_results pastes each into its box region only.
     """
 
     def resize(self, image, target=None):
@@ -276,8 +285,6 @@ def coco_parts(cfg, num_anchors):
     Every layer trains: torchvision's builder with weights trains only the last 3 backbone stages, we
     train all, like the timm path. Made in the order torchvision's builder and MaskRCNN draw their random
     initial weights, so a seed gives the weights it gives there."""
-    if cfg["FPN_CHANNELS"] != COCO_FPN_CHANNELS:
-        raise ValueError(f"{COCO_MODEL} has {COCO_FPN_CHANNELS} FPN channels, not FPN_CHANNELS={cfg['FPN_CHANNELS']}")
     backbone = BackboneWithFPN(resnet50(), {f"layer{i + 1}": str(i) for i in range(4)}, [256, 512, 1024, 2048],
                                COCO_FPN_CHANNELS, extra_blocks=LastLevelMaxPool(), norm_layer=nn.BatchNorm2d)
     c, parts = backbone.out_channels, {}
@@ -385,6 +392,7 @@ def build_model(cfg, load_pretrained=True):
     fetching weights (a checkpoint is loaded over it). The score threshold, NMS and detection limit are
     torchvision's until set_thresholds gives them a prediction's settings (infer.py's constants).
     """
+    check_config(cfg)
     anchors = Float32AnchorGenerator(ANCHOR_SIZES, (ASPECT_RATIOS,) * len(ANCHOR_SIZES))
     coco = cfg["BACKBONE"] == COCO_MODEL
     if coco:  # torchvision's COCO Mask R-CNN v2 (its weights load once it is whole, below)
@@ -413,8 +421,6 @@ def build_model(cfg, load_pretrained=True):
         model.backbone.body = freeze_batchnorm(model.backbone.body)
     if coco and freeze_fpn_bn_setting(cfg):  # v2's FPN BatchNorm, which at batch 1 would learn from one image
         model.backbone.fpn = freeze_batchnorm(model.backbone.fpn)
-    if cfg["HEADS"] not in HEAD_CLASSES:
-        raise ValueError(f"HEADS={cfg['HEADS']!r}: choose one of {', '.join(HEAD_CLASSES)}")
     options = {"preset": cfg["LOSSES"]}
     if cfg["HEADS"] == "cascade":  # a COCO box head (loaded above) starts every stage; a random one is drawn anew
         options["copy_weights"] = model.pretrained_report is not None

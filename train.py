@@ -29,7 +29,7 @@ import infer
 import losses
 from dataset import (CellDataset, DataError, check_jitter, check_train_data, collate, list_train_ids, make_demo_data,
                      split_ids)
-from model import (COCO_MODEL, HEAD_CLASSES, PretrainedWeightsError, build_model, freeze_bn_setting,
+from model import (COCO_MODEL, PretrainedWeightsError, build_model, check_config, freeze_bn_setting,
                    freeze_fpn_bn_setting, load_weights, parse_freeze_bn, set_thresholds)
 from clock import RunClock, hours_minutes
 from predict import in_order_loader, predict_options, tta_passes
@@ -149,11 +149,10 @@ def resolve_config(argv=None):
 def check_levers(cfg):
     """HEADS, SCALE, SCALE_JITTER, TO_GRAY, STAIN_AUG, EMA, SCHEDULE and the budgets: a bad value stops before
     anything is built."""
-    if cfg["HEADS"] not in HEAD_CLASSES:
-        raise SystemExit(f"--heads {cfg['HEADS']!r}: choose one of {', '.join(HEAD_CLASSES)}")
-    if cfg["BACKBONE"] == COCO_MODEL and cfg["FPN_CHANNELS"] != 256:
-        raise SystemExit(f"--backbone {COCO_MODEL} has 256 FPN channels: set --fpn-channels 256 "
-                         f"(FPN_CHANNELS is {cfg['FPN_CHANNELS']})")
+    try:
+        check_config(cfg)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     try:
         cfg["SCALE_JITTER"] = list(check_jitter(cfg["SCALE_JITTER"]))
     except ValueError as e:
@@ -178,9 +177,9 @@ def check_levers(cfg):
 
 
 def resolve_training_defaults(cfg, fresh=True):
-    """FREEZE_BN, FREEZE_FPN_BN, LR, SCALE and ROI_BATCH_SIZE as the run will use them (in place): 'auto' follows
-    whether the backbone starts from pretrained weights. A new run that would freeze a random backbone's BatchNorm
-    is refused."""
+    """LR, SCALE, ROI_BATCH_SIZE and FREEZE_FPN_BN as the run will use them (in place): 'auto' follows whether
+    the backbone starts from pretrained weights; FREEZE_BN is parsed only (model.freeze_bn_setting decides its
+    'auto' when the model is built). A new run that would freeze a random backbone's BatchNorm is refused."""
     try:
         cfg["FREEZE_BN"] = parse_freeze_bn(cfg["FREEZE_BN"])
     except ValueError as e:
@@ -260,23 +259,24 @@ def setup_data(cfg, ckpt, rank, world, device, log):
 def setup_training(cfg, ckpt, rank, world, device, generator, log):
     """The model (DDP-wrapped under torchrun), AdamW, the plateau schedule, the GradScaler, the weight
     average and the progress state; a resumed run gets all of them back from its last.pt, random streams too."""
-    net = build_model(cfg, load_pretrained=not cfg["RESUME"]).to(device)
+    model = build_model(cfg, load_pretrained=not cfg["RESUME"]).to(device)
     val_settings = infer.prediction_settings(DETECTIONS_PER_IMAGE=cfg["VAL_DETECTIONS_PER_IMAGE"])
-    set_thresholds(net, val_settings)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=cfg["LR"],
+    set_thresholds(model, val_settings)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["LR"],
                                   weight_decay=cfg["WEIGHT_DECAY"])
     for g in optimizer.param_groups:
         g["initial_lr"] = cfg["LR"]
     dtype, amp_why = engine.amp_dtype(cfg["AMP"], device)
     run = SimpleNamespace(
-        net=net, model=net, optimizer=optimizer, dtype=dtype, amp_why=amp_why, val_settings=val_settings,
+        model_without_ddp=model, model=model, optimizer=optimizer, dtype=dtype, amp_why=amp_why,
+        val_settings=val_settings,
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         scheduler=torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=cfg["LR_FACTOR"],
                                                              patience=cfg["LR_PATIENCE"]),
         state={"epoch": 0, "step": 0, "best_ap50": -math.inf, "bad_epochs": 0, "history": [], "stopped_early": False})
     ema_state = None  # the averaged weights of a resumed run
     if ckpt is not None:
-        load_weights(net, ckpt, Path(cfg["RUN_DIR"]) / "last.pt")
+        load_weights(model, ckpt, Path(cfg["RUN_DIR"]) / "last.pt")
         optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt.get("scaler"):
@@ -288,7 +288,7 @@ def setup_training(cfg, ckpt, rank, world, device, generator, log):
         log(f"resumed {cfg['RUN_DIR']} after epoch {run.state['epoch']} (best val AP50 "
             + (f"{best:.4f})" if best > -math.inf else "n/a: no val AP50 has picked a checkpoint yet)"))
     # rank 0 keeps the average (it validates and saves; every process holds the same weights)
-    run.ema = engine.WeightAverage(net, cfg["EMA"] if rank == 0 else 0.0, ema_state)
+    run.ema = engine.WeightAverage(model, cfg["EMA"] if rank == 0 else 0.0, ema_state)
     if ema_state is not None and not run.ema and rank == 0:
         log("resume with EMA 0: the checkpoint's averaged weights are dropped; from here on validation, best.pt "
             "and infer.py use the trained weights (best val AP50 so far was the average's)")
@@ -298,7 +298,7 @@ def setup_training(cfg, ckpt, rank, world, device, generator, log):
             + ("" if run.state["step"] == 0 or ema_state is not None else
                f"; this run's checkpoint had none: it starts from the weights of step {run.state['step']}"))
     if world > 1:
-        run.model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+        run.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                               else None)
     return run
 
@@ -348,9 +348,9 @@ def fit(cfg, run, data, device, log, start):
     select = len(data.val_set) >= cfg["MIN_VAL_IMAGES"]  # does val AP50 pick best.pt, the LR and early stopping?
     opts = predict_options(cfg, run.val_settings)
     coco_gt = evaluate.val_ground_truth(data.val_set) if len(data.val_set) and ddp.rank() == 0 else None
-    limit = evaluate.ceiling(coco_gt) if coco_gt is not None else None  # what maxDets 100 leaves reachable
-    if limit is not None:
-        log(f"val split: {evaluate.format_ceiling(limit)}")
+    ceiling = evaluate.ceiling(coco_gt) if coco_gt is not None else None  # what maxDets 100 leaves reachable
+    if ceiling is not None:
+        log(f"val split: {evaluate.format_ceiling(ceiling)}")
     weights = losses.preset_weights(cfg["LOSSES"], cfg["LOSS_WEIGHTS"])
     clock = RunClock(cfg, len(data.loader), len(data.val_set), len(tta_passes(opts["tta"], opts["tta_scales"])),
                      start, state["history"], checkpoint_mb=2 * checkpoint_megabytes(run))
@@ -372,8 +372,9 @@ def fit(cfg, run, data, device, log, start):
         if data.sampler is not None:
             data.sampler.set_epoch(state["epoch"])
         deadline = t0 + budget - state.get("train_seconds", 0.0) if budget > 0 else None
-        stats, faults = engine.train_one_epoch(run.model, data.loader, run.optimizer, device, cfg, state, weights,
-                                               run.scaler, run.dtype, deadline, run.ema, clock)
+        stats, faults = engine.train_one_epoch(run.model, run.optimizer, data.loader, device, state, cfg,
+                                               weights=weights, scaler=run.scaler, dtype=run.dtype,
+                                               deadline=deadline, ema=run.ema, clock=clock)
         # every process adds the same (slowest) figure, so all agree on the budget and stop together
         state["train_seconds"] = state.get("train_seconds", 0.0) + ddp.max_over_ranks(time.time() - t0, device)
         state["epoch"] += 1
@@ -384,7 +385,7 @@ def fit(cfg, run, data, device, log, start):
                **stats, "val_loss": float("nan"), "val_ap50": float("nan"), "val_ap": float("nan")}
         if len(data.val_set):  # rank 0 validates the weights best.pt and infer.py use; the others get its figures
             row.update(ddp.on_rank0("validating", lambda: engine.validate(
-                run.ema.scored(run.net), data.loss_loader, data.val_set, device, weights, opts, coco_gt)))
+                run.ema.scored(run.model_without_ddp), data.loss_loader, data.val_set, device, weights, opts, coco_gt)))
             clock.validated(row["val_seconds"], row["val_seconds_per_image"])
         improved = step_schedule(cfg, run, row["val_ap50"], log) if select else True  # no val: latest = best
         row["epoch_seconds"], row["train_seconds"] = time.time() - t0, state["train_seconds"]
@@ -397,7 +398,7 @@ def fit(cfg, run, data, device, log, start):
         t_save = time.time()
         ddp.on_rank0("saving the checkpoint", lambda: save_epoch(cfg, run, data, streams, improved))
         clock.saved(ddp.max_over_ranks(time.time() - t_save, device))
-        log(epoch_line(row, limit, improved, clock, state["epoch"]))
+        log(epoch_line(row, ceiling, improved, clock, state["epoch"]))
         if not planned:  # the first epoch of this process: its validation and save now timed
             log(clock.plan(state["epoch"]))
             planned = True
@@ -412,8 +413,8 @@ def fit(cfg, run, data, device, log, start):
 
 def checkpoint_megabytes(run):
     """Megabytes of one checkpoint: the weights, their average and AdamW's two moments of each trained weight."""
-    weights = sum(t.numel() * t.element_size() for t in run.net.state_dict().values())
-    trained = sum(p.numel() * p.element_size() for p in run.net.parameters() if p.requires_grad)
+    weights = sum(t.numel() * t.element_size() for t in run.model_without_ddp.state_dict().values())
+    trained = sum(p.numel() * p.element_size() for p in run.model_without_ddp.parameters() if p.requires_grad)
     return (weights * (2 if run.ema else 1) + 2 * trained) / 2**20
 
 
@@ -456,7 +457,7 @@ def save_epoch(cfg, run, data, streams, improved):
     The checkpoint holds everything a resume needs: weights (and their average), optimiser, schedule,
     scaler, progress, configuration, split and every process's random streams."""
     run_dir = Path(cfg["RUN_DIR"])
-    ckpt = {"model": run.net.state_dict(), "optimizer": run.optimizer.state_dict(),
+    ckpt = {"model": run.model_without_ddp.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "state": run.state,
             "config": cfg, "epoch": run.state["epoch"], "train_ids": data.train_ids, "val_ids": data.val_ids,
             "rng_ranks": streams, "format": CHECKPOINT_FORMAT}
@@ -546,7 +547,7 @@ def train(cfg, ckpt, rank, world, device, start=None):
     log_start(cfg, run, data, device, world, log)
     select = fit(cfg, run, data, device, log, start)
     if ddp.distributed():
-        digest = ddp.check_ranks_in_sync(run.net)
+        digest = ddp.check_ranks_in_sync(run.model_without_ddp)
         log(f"DDP: the {world} processes hold identical weights (parameters sha256 {digest[:16]})")
     log(f"done after {run.state['epoch']} epochs: " + (f"best val AP50 {run.state['best_ap50']:.4f}" if select else
         "best.pt = the latest weights") + f"; {run_dir}/best.pt")

@@ -70,9 +70,9 @@ def train_steps(demo_dir, dtype, epochs=3):
     overflows = 0
     for epoch in range(epochs):
         torch.manual_seed(epoch)  # the same RoI sampling in both runs
-        stats, skipped = engine.train_one_epoch(model, loader, opt, "cpu", {"WARMUP_ITERS": 0, "EPOCHS": epochs,
-                                                                           "SCHEDULE": "plateau", "GRAD_CLIP": 1.0},
-                                               state, losses.preset_weights("report"), scaler, dtype)
+        cfg = {"WARMUP_ITERS": 0, "EPOCHS": epochs, "SCHEDULE": "plateau", "GRAD_CLIP": 1.0}
+        stats, skipped = engine.train_one_epoch(model, opt, loader, "cpu", state, cfg,
+                                               weights=losses.preset_weights("report"), scaler=scaler, dtype=dtype)
         state["epoch"] += 1
         # fp16: a step whose scaled gradients overflow is the GradScaler's to skip (it lowers its scale), counted
         assert skipped["oom_steps"] == 0 and (dtype == torch.float16 or skipped["skipped_steps"] == 0)

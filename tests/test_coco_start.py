@@ -183,7 +183,7 @@ def test_coco_model_trains_a_step_and_infer_rebuilds_it_from_a_checkpoint(coco_f
 
 
 def test_coco_model_refuses_another_fpn_width():
-    with pytest.raises(ValueError, match="256 FPN channels, not FPN_CHANNELS=32"):
+    with pytest.raises(ValueError, match="256 FPN channels: set FPN_CHANNELS 256 \\(it is 32\\)"):
         build_model(dict(COCO, FPN_CHANNELS=32))
 
 

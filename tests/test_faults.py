@@ -20,7 +20,7 @@ from conftest import ROOT, SIZING, TINY, write_sample
 from dataset import (CellDataset, DataError, TestDataset, check_train_data, list_train_ids, read_image,
                      read_label_maps, read_test_table)
 from model import build_model, load_weights
-from utils import CheckpointError, load_checkpoint, save_checkpoint, save_json
+from utils import CHECKPOINT_FORMAT, CheckpointError, load_checkpoint, save_checkpoint, save_json
 
 
 def blob(shape=(24, 30), ids=((5, 5, 1),)):
@@ -210,7 +210,7 @@ def test_killed_while_writing_leaves_the_old_file_whole(tmp_path, name):
 
 def test_disk_full_while_saving(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    save_checkpoint({"model": {}, "config": {}, "epoch": 1}, path)
+    save_checkpoint({"model": {}, "config": {}, "epoch": 1, "format": CHECKPOINT_FORMAT}, path)
 
     def full(fd):
         raise OSError(28, "No space left on device")
@@ -249,15 +249,15 @@ def test_non_finite_losses_are_skipped_then_stop(demo_dir):
     cfg = {"WARMUP_ITERS": 0, "SCHEDULE": "plateau", "EPOCHS": 1, "GRAD_CLIP": 0}
     model = NaNModel({2})
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    stats, skipped = engine.train_one_epoch(model, loader, opt, "cpu", cfg, {"epoch": 0, "step": 0},
-                                           {"loss_classifier": 1.0})
+    stats, skipped = engine.train_one_epoch(model, opt, loader, "cpu", {"epoch": 0, "step": 0}, cfg,
+                                           weights={"loss_classifier": 1.0})
     assert skipped == {"skipped_steps": 1, "oom_steps": 0} and torch.isfinite(model.w)
     always = NaNModel(set(range(1, 100)))
     monkey = pytest.MonkeyPatch()
     monkey.setattr(engine, "MAX_SKIPPED_STEPS", 3)
     with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses"):
-        engine.train_one_epoch(always, loader, torch.optim.SGD(always.parameters(), lr=0.1), "cpu", cfg,
-                              {"epoch": 0, "step": 0}, {"loss_classifier": 1.0})
+        engine.train_one_epoch(always, torch.optim.SGD(always.parameters(), lr=0.1), loader, "cpu",
+                              {"epoch": 0, "step": 0}, cfg, weights={"loss_classifier": 1.0})
     monkey.undo()
 
 

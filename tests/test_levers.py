@@ -42,7 +42,7 @@ def test_ema_follows_its_warm_up_rule_step_by_step(demo_dir):
                           {k: v.clone() for k, v in ema.module.state_dict().items()}))
     ema.update = record
     state = {"epoch": 0, "step": 0}
-    engine.train_one_epoch(model, loader, optimizer, "cpu", cfg, state, {k: 1.0 for k in TINY_TERMS}, ema=ema)
+    engine.train_one_epoch(model, optimizer, loader, "cpu", state, cfg, weights={k: 1.0 for k in TINY_TERMS}, ema=ema)
     assert [s[0] for s in snapshots] == [1, 2, 3]  # the global step of each update
     for step, before, weights, after in snapshots:
         d = min(1 - (1 + (step - 1)) ** (-2 / 3), 0.5) if step > 1 else 0.0
@@ -173,11 +173,11 @@ def test_all_levers_infer_a_valid_submission(all_levers, demo_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,message", [
-    ("--heads", "fancy", "--heads 'fancy'"), ("--scale-jitter", "[2, 1]", "lo <= hi"),
+    ("--heads", "fancy", "HEADS 'fancy'"), ("--scale-jitter", "[2, 1]", "lo <= hi"),
     ("--scale-jitter", "[0.5]", "give \\[lo, hi\\]"), ("--stain-aug", "1.5", "a probability"),
     ("--to-gray", "-0.1", "a probability"),
     ("--to-gray", "1.5", "a probability"),
-    ("--ema", "1.0", "a decay in"), ("--backbone", "torchvision/maskrcnn_resnet50_fpn_v2", "--fpn-channels 256")])
+    ("--ema", "1.0", "a decay in"), ("--backbone", "torchvision/maskrcnn_resnet50_fpn_v2", "set FPN_CHANNELS 256")])
 def test_bad_lever_values_are_refused(flag, value, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         train.main(tiny_args(DATA_DIR=str(tmp_path), RUN_DIR=str(tmp_path / "r")) + [flag, value])

@@ -138,7 +138,8 @@ def epoch_of(model, demo_dir, ema=None):
     for g in opt.param_groups:
         g["initial_lr"] = 0.1
     state = {"epoch": 0, "step": 0}
-    stats, faults = engine.train_one_epoch(model, loader, opt, "cpu", cfg, state, {"loss_classifier": 1.0}, ema=ema)
+    stats, faults = engine.train_one_epoch(model, opt, loader, "cpu", state, cfg, weights={"loss_classifier": 1.0},
+                                           ema=ema)
     return state, faults, opt, ds
 
 
