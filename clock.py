@@ -137,11 +137,13 @@ class RunClock:
         fit = self.epochs_that_fit(now)
         todo = left if fit is None else min(left, fit)
         ends = now + todo * epoch
+        if not left:
+            return "\n".join(lines)  # the run's last epoch: nothing more to plan
         if self.budget > 0:
             ends = min(ends, self.start + self.budget - self.reserve())
             lines.append(f"plan: RUN_MINUTES {self.budget / 60:g} ({hours_minutes(self.start + self.budget - now)} "
                          f"left, {hours_minutes(self.reserve())} of it kept for {self.reserve_passes} prediction "
-                         f"passes after training): {fit} of the {left} epochs to go fit")
+                         f"passes after training): {min(fit, left)} of the {left} epochs to go fit")
         lines.append(f"plan: {todo} more epoch(s) (EPOCHS {self.epochs}; early stopping may end sooner): training "
                      f"ends about {clock_time(ends)} (in {hours_minutes(ends - now)})")
         return "\n".join(lines)

@@ -8,8 +8,10 @@
     python infer.py --tta flips+scales --input-scale 2                     # test-time augmentation, 2x input
 
 The checkpoint alone rebuilds the model: its saved configuration names the backbone and sizes. Predicting
-is predict.py's; scoring is evaluate.py's.
+is predict.py's; scoring is evaluate.py's. What it prints is also appended to infer.log where it writes:
+beside OUTPUT_JSON, or in the checkpoint's folder for --eval / --sweep (output_dir).
 """
+import contextlib
 import json
 import math
 import re
@@ -23,7 +25,7 @@ import numpy as np
 import evaluate
 import utils
 from dataset import CellDataset, DataError, TestDataset
-from predict import load_ensemble, predict_dataset, to_records
+from predict import PredictionMemoryError, load_ensemble, predict_dataset, to_records
 from utils import CheckpointError, apply_overrides, config_block, pick_device, save_json
 
 # ---- config: prediction (train.py's validation predicts with these too, but VAL_DETECTIONS_PER_IMAGE)
@@ -76,6 +78,9 @@ def prediction_settings(**overrides):
 
 class SubmissionError(ValueError):
     pass
+
+
+FAILURES = (DataError, SubmissionError, CheckpointError, OSError, PredictionMemoryError)  # 'error: ...', no traceback
 
 
 def newest_checkpoint(pattern="runs/*/best.pt"):
@@ -215,9 +220,9 @@ def print_metrics(metrics, n_images, n_detections):
           f"FN {metrics['fn']}; score >= 0.5)")
 
 
-def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
+def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts, out_dir):
     """--eval / --sweep (and their --overlay): one pass of the model (or ensemble: lists of models and opts)
-    over the (first) checkpoint's val split."""
+    over the (first) checkpoint's val split; sweep.csv and overlays/ in out_dir."""
     if not ckpt.get("val_ids"):
         raise SystemExit(f"{checkpoint} has no validation split to evaluate (trained with VAL_FRACTION 0)")
     dataset = CellDataset(data_dir, ckpt["val_ids"], train=False)
@@ -232,8 +237,6 @@ def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts):
     print("  " + evaluate.format_ceiling(limit, metrics["ap50"]))
     if limit["capped"]:
         print("  most capped: " + ", ".join(f"{dataset.ids[i]} class {k}: {n} cells" for i, k, n in limit["capped"][:5]))
-    # an ensemble's sweep.csv and overlays go to <first run>/ensemble/, not over that run's own
-    out_dir = Path(checkpoint).parent / ("ensemble" if isinstance(model, list) and len(model) > 1 else "")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg["SWEEP"]:
         table = sweep(raw, coco_gt, sorted({*SWEEP_MASK_THRESHOLDS, cfg["MASK_THRESHOLD"]}),
@@ -308,11 +311,41 @@ def checkpoint_list(text):
     return [c.strip() for c in re.split(r"(?<=\.pt),|(?<=\.pth),", text) if c.strip()]
 
 
+def output_dir(cfg, checkpoints):
+    """Where this run writes, infer.log included: OUTPUT_JSON's folder, or for --eval / --sweep the checkpoint's
+    (an ensemble's: <first run>/ensemble/, not over that run's own sweep.csv and overlays)."""
+    if cfg["EVAL"] or cfg["SWEEP"]:
+        return Path(checkpoints[0]).parent / ("ensemble" if len(checkpoints) > 1 else "")
+    return Path(cfg["OUTPUT_JSON"]).parent
+
+
+def failure_line(error):
+    """The last line a failure shows on the console, printed after the log closed (None: an exit without one)."""
+    if isinstance(error, SystemExit):
+        return error.code if isinstance(error.code, str) else None
+    return f"error: {error}" if isinstance(error, FAILURES) else f"{type(error).__name__}: {error}"
+
+
 def main(argv=None):
     cfg, _ = apply_overrides(globals(), CONFIG, argv, description=__doc__,
                              renamed={"--scale": "use --input-scale (train.py's SCALE is the training sizing factor)"})
-    device = pick_device(cfg["DEVICE"])
     checkpoints = checkpoint_list(cfg["CHECKPOINT"]) or [newest_checkpoint()]
+    log = output_dir(cfg, checkpoints) / "infer.log"
+    try:
+        with utils.tee_output(log):
+            print(f"infer.py {' '.join(sys.argv[1:] if argv is None else argv)} ({time.strftime('%Y-%m-%d %H:%M:%S')})")
+            return predict_or_score(cfg, checkpoints)
+    except BaseException as e:
+        line = failure_line(e)
+        if line:
+            with contextlib.suppress(OSError), open(log, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
+        raise
+
+
+def predict_or_score(cfg, checkpoints):
+    """The submission, or --eval / --sweep of the val split, with the checkpoints' models."""
+    device = pick_device(cfg["DEVICE"])
     settings = {name: cfg[name] for name in PREDICTION}
     try:
         models, opts, ckpts = load_ensemble(checkpoints, device, settings)
@@ -325,12 +358,13 @@ def main(argv=None):
                                                   if len(models) > 1 else ""))
     if cfg["EVAL"] or cfg["SWEEP"]:
         check_ensemble_split(checkpoints, ckpts)
-        return run_on_val(cfg, models, ckpts[0], checkpoints[0], data_dir, device, opts)
+        return run_on_val(cfg, models, ckpts[0], checkpoints[0], data_dir, device, opts,
+                          output_dir(cfg, checkpoints))
     return predict_test_set(cfg, models, data_dir, device, opts)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, SubmissionError, CheckpointError, OSError) as e:
+    except FAILURES as e:
         raise SystemExit(f"error: {e}") from None

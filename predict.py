@@ -11,8 +11,10 @@ Library code that infer.py's command line, train.py's validation and ablate.py c
 DETECTIONS_PER_IMAGE, CLASS_RESERVE, MASK_THRESHOLD, INPUT_SCALE, TTA, TTA_SCALES, TILE, TILE_OVERLAP).
 Each image is resized by the run's own sizing rule (dataset.resize_factor), tiled where the input would
 pass MAX_SIZE, optionally flipped/rescaled (TTA) and the passes fused; masks stay box-relative until
-each is pasted into its box region and encoded from there.
+each is pasted into its box region and encoded from there. An image that runs out of GPU memory is
+predicted again in smaller tiles (predict_or_retry) before an error names it.
 """
+import gc
 import math
 
 import numpy as np
@@ -28,6 +30,13 @@ from dataset import collate, resize_factor, resize_image
 from heads import class_budget
 from model import build_model, load_weights, set_thresholds
 from utils import load_checkpoint
+
+OOM_TILE_DIVISORS = [2, 4]    # out of GPU memory: the image again in tiles 1/2, then 1/4 the input side that failed
+OOM_MASK_CHUNK = 100          # ... with the mask head over at most this many detections at once
+
+
+class PredictionMemoryError(torch.cuda.OutOfMemoryError):
+    """An image that ran out of GPU memory also in the smaller retries; the message names it and what to lower."""
 
 
 def load_model(checkpoint, device, settings):
@@ -164,7 +173,7 @@ def tile_cores(starts, tile):
     return list(zip([-math.inf] + cuts, cuts + [math.inf]))
 
 
-def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, reserve):
+def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, reserve, mask_chunk=0):
     """Overlapping tiles of tile x tile image pixels, each resized by `factor`. A detection is kept by
     the tile that owns its box centre, so a cell up to `overlap` px wide comes from a tile that holds it
     whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice, and the
@@ -174,7 +183,7 @@ def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, res
     stitched and cut to the limit before the mask head runs (model.segment) on the detections kept, each over
     its own tile's features. It sees `limit` boxes an image instead of up to `limit` a tile; the masks are the
     same as in one pass; the price is the features of all tiles held at once (about 155 MB a 1344-px tile
-    at 256 channels, fp32)."""
+    at 256 channels, fp32). mask_chunk > 0: the mask head over at most that many detections at once."""
     ys, xs = tile_grid(image.shape[-2:], tile, overlap)
     encoded, parts = [], []
     for y0, (ylo, yhi) in zip(ys, tile_cores(ys, tile)):
@@ -195,19 +204,21 @@ def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, res
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     keep = batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)
     out = {k: v[keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)]] for k, v in out.items()}
-    out["mask_probs"] = tile_masks(model, encoded, out, image.device)
+    out["mask_probs"] = tile_masks(model, encoded, out, image.device, mask_chunk)
     return {k: out[k] for k in FIELDS}
 
 
-def tile_masks(model, encoded, out, device):
+def tile_masks(model, encoded, out, device, chunk=0):
     """The mask probabilities of the stitched detections `out`, each from the features of the tile that found
-    it (encoded[out['tile']]), on its box in that tile's input (out['input_boxes'])."""
+    it (encoded[out['tile']]), on its box in that tile's input (out['input_boxes']); chunk > 0: at most that
+    many detections a call of the mask head."""
     where, probs = [], []
     for t in out["tile"].unique().tolist():
         mine = torch.where(out["tile"] == t)[0]
-        det = {"boxes": out["input_boxes"][mine].to(device), "labels": out["labels"][mine].to(device)}
-        where.append(mine)
-        probs.append(model.segment(encoded[t], [det])[0]["mask_probs"].detach().float().cpu())
+        for part in mine.split(chunk or len(mine)):
+            det = {"boxes": out["input_boxes"][part].to(device), "labels": out["labels"][part].to(device)}
+            where.append(part)
+            probs.append(model.segment(encoded[t], [det])[0]["mask_probs"].detach().float().cpu())
     # no detection at all: none of torchvision's 28 x 28 masks
     return torch.cat(probs)[torch.cat(where).argsort()] if probs else torch.zeros(0, 1, 28, 28)
 
@@ -215,13 +226,15 @@ def tile_masks(model, encoded, out, device):
 def tiling(image, opts, scale_mult=1.0):
     """(factor, tile in image pixels or None) of one CxHxW image: the training's sizing rule (dataset.resize_factor
     with the run's MIN_SIZE/MAX_SIZE/SCALE) times scale_mult; a tile where that input would pass MAX_SIZE and
-    opts['tile'] is on, else None and the factor shrunk to fit."""
+    opts['tile'] is on, else None and the factor shrunk to fit. opts['shrink'] > 1 (predict_or_retry): the same
+    factor, tiles of 1/shrink the side of that tile or of the whole image."""
     min_size, max_size, scale = opts["sizing"]
     h, w = image.shape[-2:]
+    shrink = opts.get("shrink", 1)
     factor = resize_factor(h, w, min_size, max_size, scale, cap=False) * scale_mult
     if opts["tile"] and max(h, w) * factor > max_size * (1 + 1e-6):
-        return factor, int(max_size / factor)
-    return min(factor, max_size / max(h, w)), None
+        return factor, int(max_size / factor / shrink)
+    return min(factor, max_size / max(h, w)), (int(max(h, w) / shrink) if shrink > 1 else None)
 
 
 def predict_image(model, image, opts, scale_mult=1.0):
@@ -229,7 +242,8 @@ def predict_image(model, image, opts, scale_mult=1.0):
     tiles where the input would pass MAX_SIZE (opts['tile']), else shrunk to fit."""
     factor, tile = tiling(image, opts, scale_mult)
     if tile:
-        return predict_tiled(model, image, factor, tile, opts["overlap"], opts["nms"], opts["limit"], opts["reserve"])
+        return predict_tiled(model, image, factor, tile, opts["overlap"], opts["nms"], opts["limit"], opts["reserve"],
+                             opts.get("mask_chunk", 0))
     return forward_resized(model, image, factor)
 
 
@@ -334,6 +348,45 @@ def image_id(meta):
     return meta["image_id"] if "image_id" in meta else meta["id"]
 
 
+def image_name(dataset, meta):
+    """How messages name a dataset item: a TestDataset record's file name, a CellDataset sample's folder."""
+    return meta["file_name"] if "file_name" in meta else dataset.ids[meta["image_id"]]
+
+
+def free_gpu_memory():
+    """What an out-of-memory error left behind: its frames' tensors (collected) and the allocator's cached blocks."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def predict_or_retry(members, image, name):
+    """predict_members, and where the GPU runs out of memory: the image again in tiles of 1/2, then 1/4 the input
+    side that failed (OOM_TILE_DIVISORS; same resize factor), the mask head OOM_MASK_CHUNK detections at a time,
+    each retry said once; then an error naming the image and what to lower (PredictionMemoryError)."""
+    factor, tile = tiling(image, members[0][1])
+    side = tile or max(image.shape[-2:])  # image pixels of the (first member's, first pass's) input that failed
+    where = f"image {name}, {image.shape[-2]}x{image.shape[-1]} px"
+    for divisor in [1, *OOM_TILE_DIVISORS]:
+        if divisor > 1:
+            free_gpu_memory()
+            tqdm.write(f"{where}: out of GPU memory at an input of {round(side * factor)} px a side; retrying in "
+                       f"tiles of {int(side / divisor)} px (input {round(side / divisor * factor)} px), the mask head "
+                       f"{OOM_MASK_CHUNK} detections at a time")
+        tried = members if divisor == 1 else [(m, dict(o, shrink=divisor, mask_chunk=OOM_MASK_CHUNK))
+                                              for m, o in members]
+        try:
+            return predict_members(tried, image)
+        except torch.cuda.OutOfMemoryError as e:
+            error = ". ".join(str(e).split(". ")[:2])  # the message alone: the frames' tensors go with the exception
+    free_gpu_memory()
+    raise PredictionMemoryError(
+        f"{where}: out of GPU memory, also in tiles of {int(side / OOM_TILE_DIVISORS[-1])} px with the mask head "
+        f"{OOM_MASK_CHUNK} detections at a time ({error}). Lower infer.py --detections-per-image (validation: "
+        "train.py --val-detections-per-image) or --rpn-proposals, predict at a smaller --input-scale, or train "
+        "the run with a smaller MAX_SIZE (train.py --max-size); or free the GPU of other processes")
+
+
 @torch.no_grad()
 def predict_dataset(model, dataset, device, opts, num_workers=0, desc="predict"):
     """The model over a dataset, one image at a time in order: [(image id, (H, W), detections)].
@@ -344,7 +397,8 @@ def predict_dataset(model, dataset, device, opts, num_workers=0, desc="predict")
     raw = []
     for images, metas in tqdm(in_order_loader(dataset, num_workers), desc=desc, leave=False, dynamic_ncols=True):
         for image, meta in zip(images, metas):
-            raw.append((image_id(meta), tuple(image.shape[-2:]), predict_members(members, image.to(device))))
+            name = f"{image_name(dataset, meta)} (id {image_id(meta)})"
+            raw.append((image_id(meta), tuple(image.shape[-2:]), predict_or_retry(members, image.to(device), name)))
     return raw
 
 

@@ -32,7 +32,7 @@ from dataset import (CellDataset, DataError, check_jitter, check_train_data, col
 from model import (COCO_MODEL, PretrainedWeightsError, build_model, check_config, freeze_bn_setting,
                    freeze_fpn_bn_setting, load_weights, parse_freeze_bn, set_thresholds)
 from clock import RunClock, hours_minutes
-from predict import in_order_loader, predict_options, tta_passes
+from predict import PredictionMemoryError, in_order_loader, predict_options, tta_passes
 from utils import (CHECKPOINT_FORMAT, NUM_CLASSES, CheckpointError, apply_overrides, config_block, load_checkpoint, save_checkpoint,
                    save_figure, save_json, seed_everything, tee_output, write_csv)
 
@@ -496,7 +496,7 @@ def plot_curves(history, path):
 # ---- main ----------------------------------------------------------------------------------------
 # what stops a run with 'error: <message>' instead of a traceback
 ERRORS = (DataError, PretrainedWeightsError, FloatingPointError, CheckpointError, ddp.PeerFailure,
-          engine.OutOfMemoryStop, OSError)
+          engine.OutOfMemoryStop, PredictionMemoryError, OSError)
 
 
 def main(argv=None):

@@ -202,7 +202,7 @@ def test_existing_run_is_not_overwritten_and_resume_continues(trained_run):
     train.main(["--run-dir", str(run_dir), "--resume", "--epochs", "3"])
     after = load_checkpoint(run_dir / "last.pt")
     assert after["epoch"] == 3 and len(after["state"]["history"]) == 3
-    assert after["state"]["history"][:2] == before["state"]["history"]
+    assert repr(after["state"]["history"][:2]) == repr(before["state"]["history"])  # repr: NaN (a class without cells) equals NaN
     assert after["config"]["EPOCHS"] == 3 and after["config"]["BACKBONE"] == TINY["BACKBONE"]
     mtime = (run_dir / "last.pt").stat().st_mtime_ns
     train.main(["--run-dir", str(run_dir), "--resume"])  # finished: nothing is retrained
