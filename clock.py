@@ -7,8 +7,10 @@ them all) and engine.train_one_epoch tells it each step's seconds.
 """
 import statistics
 import time
+from collections import deque
 
 WARM_STEPS = 5           # first steps of a process not timed (kernels, allocator and loader workers warming up)
+RECENT_STEPS = 500       # a step's seconds: the median of the last this many timed steps
 PLAN_STEPS = 20          # timed steps before the first plan is printed
 MARGIN = 1.5             # the budget keeps this many times the measured validation, save and reserve free
 DISK_MB_PER_S = 100      # write speed a checkpoint's time is guessed at before one has been timed
@@ -43,7 +45,8 @@ class RunClock:
         self.budget = cfg["RUN_MINUTES"] * 60
         self.reserve_passes = cfg["RESERVE_PASSES"]
         self.steps_per_epoch, self.val_images, self.val_passes = steps_per_epoch, val_images, max(val_passes, 1)
-        self.steps = []  # seconds of each step of this process, warm-up steps included
+        self.steps, self.recent = 0, deque(maxlen=RECENT_STEPS)  # steps of this process; the latest timed ones
+        self.warm = []  # seconds of the warm-up steps
         measured = [h for h in history if h.get("val_seconds") == h.get("val_seconds")]  # not NaN
         self.val_seconds = measured[-1].get("val_seconds") if measured else None
         self.image_seconds = measured[-1].get("val_seconds_per_image") if measured else None
@@ -52,13 +55,17 @@ class RunClock:
     # ---- what has been measured
     def step_done(self, seconds):
         """Record a step; True once, when enough steps were timed for the first plan."""
-        self.steps.append(seconds)
-        return len(self.steps) == WARM_STEPS + PLAN_STEPS
+        self.steps += 1
+        (self.warm if self.steps <= WARM_STEPS else self.recent).append(seconds)
+        if self.steps <= WARM_STEPS or len(self.recent) <= 1:
+            self._median = statistics.median(self.recent or self.warm)
+        elif self.steps % 10 == 0:  # refreshed every 10 steps: must_stop asks it at every step
+            self._median = statistics.median(self.recent)
+        return self.steps == WARM_STEPS + PLAN_STEPS
 
     def step_seconds(self):
         """Median seconds of a warm step (None before any step; the warm-up steps where there are no others)."""
-        timed = self.steps[WARM_STEPS:] or self.steps
-        return statistics.median(timed) if timed else None
+        return self._median if self.steps else None
 
     def validated(self, seconds, seconds_per_image):
         self.val_seconds, self.image_seconds = seconds, seconds_per_image
@@ -125,11 +132,11 @@ class RunClock:
         step, epoch = self.step_seconds(), self.epoch_estimate()
         if step is None:
             return "plan: no step timed yet"
-        timed = len(self.steps[WARM_STEPS:])
+        timed = len(self.recent) or len(self.warm)
         val = (f"validation {hours_minutes(self.val_seconds)} ({self.image_seconds:.2f} s to predict a val image)"
                if self.val_seconds is not None else
                f"validation not timed yet (guessed at {hours_minutes(self.validation_estimate())})")
-        lines = [f"plan: {step:.2f} s a step (median of {timed or len(self.steps)} steps), {self.steps_per_epoch} steps "
+        lines = [f"plan: {step:.2f} s a step (median of {timed} steps), {self.steps_per_epoch} steps "
                  f"an epoch = {hours_minutes(self.steps_per_epoch * step)} of training; {val}; checkpoint "
                  + (f"{self.save_seconds:.0f} s" if self.save_seconds is not None else "not timed yet")
                  + f"; an epoch {hours_minutes(epoch)}"]

@@ -136,8 +136,8 @@ def train_step(model, images, targets, optimizer, weights, scaler=None, dtype=No
         try:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 loss_dict = model(images, targets)
-            loss_dict = {k: v.float() for k, v in loss_dict.items()}
-            loss = losses.weighted_total(loss_dict, weights)
+            loss = losses.weighted_total({k: v.float() for k, v in loss_dict.items()}, weights)
+            loss_dict = {k: v.detach().float() for k, v in loss_dict.items()}  # the graph lives in `loss` alone
         except torch.cuda.OutOfMemoryError:
             oom = True
         fine = not oom and bool(torch.isfinite(loss))
@@ -160,8 +160,7 @@ def train_step(model, images, targets, optimizer, weights, scaler=None, dtype=No
     scaler.unscale_(optimizer)  # a no-op without a scaler
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
     if not ddp.all_ranks_agree(bool(torch.isfinite(norm)), device):
-        if scaler.is_enabled():  # the scaler skips its step where it found inf, and lowers its scale
-            scaler.step(optimizer)
+        if scaler.is_enabled():  # no optimiser step; the scaler lowers its scale where unscale_ found an inf
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
         return None, loss_dict
@@ -250,7 +249,7 @@ def train_one_epoch(model, optimizer, loader, device, state, cfg, *, weights, sc
             continue
         oom_in_a_row = 0
         if loss is None:
-            skipped, in_a_row = skipped + 1, in_a_row + 1
+            skipped, in_a_row, t_last = skipped + 1, in_a_row + 1, time.time()
             if in_a_row >= MAX_SKIPPED_STEPS:
                 terms = {k: v.item() for k, v in loss_dict.items()}
                 what = "losses" if not all(math.isfinite(v) for v in terms.values()) else "gradient norms"

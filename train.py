@@ -15,6 +15,7 @@ This file wires data (dataset.py), the model (model.py), the training step and v
 """
 import math
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 from types import SimpleNamespace
@@ -378,7 +379,7 @@ def fit(cfg, run, data, device, log, start):
         # every process adds the same (slowest) figure, so all agree on the budget and stop together
         state["train_seconds"] = state.get("train_seconds", 0.0) + ddp.max_over_ranks(time.time() - t0, device)
         state["epoch"] += 1
-        cut = clock.must_stop()
+        cut = not ddp.all_ranks_agree(not clock.must_stop(), device)  # every process leaves the loop together
         row = {"epoch": state["epoch"], "lr": run.optimizer.param_groups[0]["lr"], **faults,
                "step_seconds": clock.step_seconds(),
                **({"ema_decay": run.ema.decay(state["step"])} if run.ema else {}),  # in force; none: no EMA
@@ -506,6 +507,7 @@ def main(argv=None):
     try:
         if ddp.distributed():  # a default runs/<time> may differ by a second between processes: take rank 0's
             cfg["RUN_DIR"] = ddp.broadcast_from_rank0(cfg["RUN_DIR"])
+            start = ddp.broadcast_from_rank0(start)  # one RUN_MINUTES deadline for all
         log_file = Path(cfg["RUN_DIR"]) / "train.log"
         if (log_file.parent / "last.pt").exists() and not cfg["RESUME"]:
             raise SystemExit(f"{log_file.parent} already holds a run (last.pt); continue it with --resume, "
@@ -516,7 +518,8 @@ def main(argv=None):
             except BaseException as e:  # the reason a run stopped stays in its log (the console shows it anyway)
                 if rank == 0:
                     with open(log_file, "a", encoding="utf-8") as f:
-                        f.write(f"error: {type(e).__name__}: {e}\n")
+                        f.write(f"error: {type(e).__name__}: {e}\n" if isinstance(e, ERRORS + (SystemExit,))
+                                else traceback.format_exc())
                 raise
     finally:
         ddp.leave()
