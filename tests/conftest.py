@@ -1,9 +1,11 @@
+import math
 import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download: a hub call fails at once
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,3 +59,15 @@ def sample_dir(tmp_path):
     assert SAMPLE.is_dir(), f"the real course sample is part of the repo: {SAMPLE} is missing"
     shutil.copytree(SAMPLE, tmp_path / "train" / "course-sample")
     return tmp_path
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.inf

@@ -3,7 +3,6 @@ second training step, rank 0 gets an infinite gradient in its third.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/ddp_faults.py <train.py arguments>
 """
-import math
 import os
 import sys
 from pathlib import Path
@@ -11,18 +10,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import losses  # noqa: E402
 import train  # noqa: E402
-
-
-class InfiniteGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * math.inf
+from conftest import InfiniteGradient  # noqa: E402
 
 
 RANK = int(os.environ["RANK"])

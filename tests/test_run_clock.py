@@ -11,7 +11,7 @@ import clock
 import engine
 import train
 from clock import RunClock
-from conftest import tiny_args
+from conftest import InfiniteGradient, tiny_args
 from dataset import CellDataset, collate, list_train_ids
 from utils import load_checkpoint
 
@@ -100,18 +100,6 @@ def test_the_reason_a_run_stopped_stays_in_its_log(demo_dir, tmp_path, monkeypat
 
 
 # ---- faults in a training step -------------------------------------------------------------------------
-class InfiniteGradient(torch.autograd.Function):
-    """The identity forward, an infinite gradient backward: a finite loss whose gradient is not."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * math.inf
-
-
 class Faulty(torch.nn.Module):
     """A one-weight model whose call n raises a CUDA out-of-memory error ('oom') or has an infinite gradient
     ('inf'), as faults says."""
