@@ -125,11 +125,22 @@ class RunClock:
         left = deadline - (now or time.time()) + MARGIN * (self.validation_estimate() + self.save_estimate())
         return max(int(left // epoch), 0)
 
+    def predicted_end(self, epochs_done, now):
+        """(epochs still to train: EPOCHS' left, cut to those that fit RUN_MINUTES; the time.time() training ends
+        at, never past the budget less the reserve). Needs a timed step."""
+        left = max(self.epochs - epochs_done, 0)
+        fit = self.epochs_that_fit(now)
+        todo = left if fit is None else min(left, fit)
+        ends = now + todo * self.epoch_estimate()
+        if self.budget > 0:
+            ends = min(ends, self.start + self.budget - self.reserve())
+        return todo, ends
+
     # ---- what the log says
     def plan(self, epochs_done, now=None):
         """The plan as a few lines of text: seconds a step, minutes an epoch, epochs that fit, predicted end."""
         now = now or time.time()
-        step, epoch = self.step_seconds(), self.epoch_estimate()
+        step = self.step_seconds()
         if step is None:
             return "plan: no step timed yet"
         timed = len(self.recent) or len(self.warm)
@@ -139,18 +150,15 @@ class RunClock:
         lines = [f"plan: {step:.2f} s a step (median of {timed} steps), {self.steps_per_epoch} steps "
                  f"an epoch = {hours_minutes(self.steps_per_epoch * step)} of training; {val}; checkpoint "
                  + (f"{self.save_seconds:.0f} s" if self.save_seconds is not None else "not timed yet")
-                 + f"; an epoch {hours_minutes(epoch)}"]
+                 + f"; an epoch {hours_minutes(self.epoch_estimate())}"]
         left = max(self.epochs - epochs_done, 0)
-        fit = self.epochs_that_fit(now)
-        todo = left if fit is None else min(left, fit)
-        ends = now + todo * epoch
         if not left:
             return "\n".join(lines)  # the run's last epoch: nothing more to plan
+        todo, ends = self.predicted_end(epochs_done, now)
         if self.budget > 0:
-            ends = min(ends, self.start + self.budget - self.reserve())
             lines.append(f"plan: RUN_MINUTES {self.budget / 60:g} ({hours_minutes(self.start + self.budget - now)} "
                          f"left, {hours_minutes(self.reserve())} of it kept for {self.reserve_passes} prediction "
-                         f"passes after training): {min(fit, left)} of the {left} epochs to go fit")
+                         f"passes after training): {todo} of the {left} epochs to go fit")
         lines.append(f"plan: {todo} more epoch(s) (EPOCHS {self.epochs}; early stopping may end sooner): training "
                      f"ends about {clock_time(ends)} (in {hours_minutes(ends - now)})")
         return "\n".join(lines)
@@ -158,13 +166,8 @@ class RunClock:
     def eta(self, epochs_done, now=None):
         """'elapsed X, ETA Y' of an epoch line: the time since the start, and the predicted end of training."""
         now = now or time.time()
-        epoch = self.epoch_estimate()
         text = f"elapsed {hours_minutes(now - self.start)}"
-        if epoch is None:
+        if self.epoch_estimate() is None:
             return text
-        left = max(self.epochs - epochs_done, 0)
-        fit = self.epochs_that_fit(now)
-        ends = now + (left if fit is None else min(left, fit)) * epoch
-        if self.budget > 0:
-            ends = min(ends, self.start + self.budget - self.reserve())
+        _, ends = self.predicted_end(epochs_done, now)
         return text + f", ETA {clock_time(ends)} ({hours_minutes(ends - now)})"
