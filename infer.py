@@ -28,36 +28,26 @@ from dataset import CellDataset, DataError, TestDataset
 from predict import PredictionMemoryError, load_ensemble, predict_dataset, to_records
 from utils import CheckpointError, apply_overrides, config_block, pick_device, save_json
 
-# ---- config: prediction (train.py's validation predicts with these too, but VAL_DETECTIONS_PER_IMAGE)
+# ---- config: prediction (train.py's validation uses these too, but VAL_DETECTIONS_PER_IMAGE)
 SCORE_THRESHOLD = 0.05        # keep detections scoring at least this
 NMS_THRESHOLD = 0.5           # per-class box NMS IoU
-DETECTIONS_PER_IMAGE = 1000   # at most this many detections per image, shared out by class (CLASS_RESERVE)
-CLASS_RESERVE = 100           # each class keeps its best min(CLASS_RESERVE, DETECTIONS_PER_IMAGE / classes found)
-                              # whatever the others score (100: what the metric counts per image and class;
-                              # heads.class_budget); 0 = torchvision's one global top-k, where a dominant class
-                              # can crowd a rare one out
+DETECTIONS_PER_IMAGE = 1000   # at most this many detections an image, shared out by class (CLASS_RESERVE)
+CLASS_RESERVE = 100           # each class keeps its best min(this, DETECTIONS_PER_IMAGE / classes); 0 = global top-k
 MASK_THRESHOLD = 0.5          # mask probability above which a pixel is foreground
-INPUT_SCALE = 0.0             # > 0: resize the input by this factor instead of the checkpoint's sizing rule (its
-                              # SCALE, or MIN_SIZE/MAX_SIZE); 0 = as trained
-TTA = "none"                  # test-time augmentation: none | flips | flips+scales (passes fused,
-                              # predict.fuse_detections)
-TTA_SCALES = [0.8, 1.25]      # extra input scales of flips+scales, relative to the input scale
-TILE = True                   # split an image whose input would pass MAX_SIZE into overlapping tiles
-TILE_OVERLAP = 128            # tile overlap in image pixels: cells up to this size are whole in some tile
-RPN_PROPOSALS = 2000          # RPN proposals per image (or tile) at test time: the best N of each FPN level before
-                              # its NMS and the best N after (torchvision: 1000; cells of the 4 densest realistic test
-                              # images within IoU 0.5 of one: 92% at 1000, 97.5% at 2000; bench.proposal_recall)
-CASCADE_SCORE_STAGES = 3      # HEADS cascade: the score is the mean class probability of stages 1..N (3: all,
-                              # detectron2's; 2 leaves out the 0.7 stage, which calls a 0.5-0.7 IoU box background)
-# ---- config: what to run
-CHECKPOINT = ""               # '' = the newest runs/*/best.pt; a.pt,b.pt,...: an ensemble, each checkpoint rebuilt
-                              # from its own configuration, all detections (checkpoints x TTA passes) fused as TTA's
+INPUT_SCALE = 0.0             # > 0: resize the input by this factor instead of the run's sizing; 0 = as trained
+TTA = "none"                  # test-time augmentation: none | flips | flips+scales (passes fused)
+TTA_SCALES = [0.8, 1.25]      # the extra input scales of flips+scales, relative to the input scale
+TILE = True                   # true: an image larger than MAX_SIZE is cut into overlapping tiles; false: shrunk
+TILE_OVERLAP = 128            # tile overlap in image pixels: cells up to this size lie whole in some tile
+RPN_PROPOSALS = 2000          # RPN proposals an image (or tile) at test time, per level and after NMS
+CASCADE_SCORE_STAGES = 3      # HEADS cascade: score = mean class probability of stages 1..N (1, 2 or 3)
+# ---- config: what to run (docs/levers.md says why each prediction default is what it is)
+CHECKPOINT = ""               # '' = the newest runs/*/best.pt; a.pt,b.pt,...: an ensemble (detections fused)
 DATA_DIR = ""                 # '' = the DATA_DIR the checkpoint was trained with
 OUTPUT_JSON = "test-results.json"  # the submission file (COCO RLE records)
 EVAL = False                  # true: score the checkpoint's val split instead of writing a submission
 SWEEP = False                 # true: AP50 on the val split over mask and score thresholds (one model pass)
-OVERLAY = 0                   # N > 0: PNGs of N images' predictions: val images beside their ground truth
-                              # (with EVAL/SWEEP), else test images, in <OUTPUT_JSON stem>-overlays/
+OVERLAY = 0                   # N > 0: PNGs of N images (val beside ground truth with EVAL/SWEEP, else test)
 DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ...
 NUM_WORKERS = 2               # data-loading processes
 # ---- end of config
@@ -327,8 +317,7 @@ def failure_line(error):
 
 
 def main(argv=None):
-    cfg, _ = apply_overrides(globals(), CONFIG, argv, description=__doc__,
-                             renamed={"--scale": "use --input-scale (train.py's SCALE is the training sizing factor)"})
+    cfg, _ = apply_overrides(globals(), CONFIG, argv, description=__doc__)
     checkpoints = checkpoint_list(cfg["CHECKPOINT"]) or [newest_checkpoint()]
     log = output_dir(cfg, checkpoints) / "infer.log"
     try:

@@ -47,56 +47,56 @@ AUTO_ROI_BATCH_SIZE = {"pretrained": 512, "scratch": 128}  # ROI_BATCH_SIZE
 
 # ---- config: run
 DATA_DIR = "data"             # dataset root (layout: data/README.md)
-RUN_DIR = ""                  # run folder; '' = runs/<date-time> (runs/demo-<date-time> with --demo)
+RUN_DIR = ""                  # run folder; '' = runs/<date-time> (--demo: runs/demo-<date-time>)
 RESUME = False                # continue RUN_DIR from its last.pt (also with a larger --epochs)
-DEMO = False                  # synthetic data in data/demo, CPU-sized settings (DEMO_SETTINGS), then inference
+DEMO = False                  # synthetic data in data/demo, CPU-sized DEMO_SETTINGS, then inference
 # ---- config: model
 BACKBONE = "seresnextaa101d_32x8d.sw_in12k_ft_in1k_288"  # a timm model name, or
-                              # "torchvision/maskrcnn_resnet50_fpn_v2": torchvision's COCO Mask R-CNN taken whole
-PRETRAINED = True             # start from the hub's weights (ImageNet for timm, COCO for the COCO model)
+                              # "torchvision/maskrcnn_resnet50_fpn_v2" (torchvision's COCO Mask R-CNN)
+PRETRAINED = True             # start from the hub's weights (ImageNet for timm, COCO for the COCO one)
 PRETRAINED_WEIGHTS = ""       # local weights file (.safetensors/.pth), used instead of the hub
-FREEZE_BN = "auto"            # backbone BatchNorm frozen: auto (frozen if pretrained, live from scratch) | true | false
-FREEZE_FPN_BN = "auto"        # COCO model's FPN BatchNorm frozen: auto (as FREEZE_BN, if BATCH_SIZE < 8) | true | false
+FREEZE_BN = "auto"            # backbone BatchNorm frozen: auto (if pretrained) | true | false
+FREEZE_FPN_BN = "auto"        # COCO model's FPN BatchNorm frozen: auto (if frozen BN, batch < 8) | true | false
 FPN_CHANNELS = 256            # FPN and RoI-head width (256 for the COCO model)
-HEADS = "standard"            # box head: standard (torchvision's) | cascade (three stages, IoU 0.5/0.6/0.7)
-ROI_BATCH_SIZE = "auto"       # RoIs sampled an image for the box head (<= 25% cells, the mask head's): >= 4 | auto
+HEADS = "standard"            # box head: standard (torchvision's) | cascade (stages at IoU 0.5/0.6/0.7)
+ROI_BATCH_SIZE = "auto"       # RoIs sampled an image for the box head (<= 25% cells): >= 4 | auto
 LOSSES = "stock"              # loss preset: stock | ciou_dice_boundary | report (losses.py)
 LOSS_WEIGHTS = {}             # a term's weight over the preset's, e.g. {"loss_boundary": 0.5}
 # ---- config: input and augmentation
 MIN_SIZE = 800                # SCALE 0: the shorter side resized to MIN_SIZE px ...
-MAX_SIZE = 1333               # ... unless the longer would pass MAX_SIZE; never a longer input side (crops, tiles)
-SCALE = "auto"                # input size factor: > 0 fixed (larger images cropped/tiled) | 0: MIN/MAX_SIZE | auto
-SCALE_JITTER = [1.0, 1.0]     # [lo, hi]: each training image at a random lo..hi times its size; [1, 1] = off
+MAX_SIZE = 1333               # ... unless the longer passes MAX_SIZE; the longest input side (crops, tiles)
+SCALE = "auto"                # input size factor: > 0 (large images cropped/tiled) | 0: MIN/MAX_SIZE | auto
+SCALE_JITTER = [1.0, 1.0]     # [lo, hi]: each training image at random lo..hi times its size; [1, 1] = off
 TO_GRAY = 0.1                 # probability of a to-gray training image; 0 = off
-STAIN_AUG = 0.0               # probability of an HED stain jitter plus brightness/contrast; 0 = off
+STAIN_AUG = 0.0               # probability of an HED stain plus brightness/contrast jitter; 0 = off
 STAIN_STRENGTH = 0.05         # the stain jitter's strength s: each stain x [1-s, 1+s] plus [-s, s]
 # ---- config: optimisation
 EPOCHS = 50                   # at most this many epochs (early stopping may end sooner)
-MAX_MINUTES = 0.0             # > 0: stop when training steps alone took this long (equal-time comparisons); 0 = none
-RUN_MINUTES = 0.0             # > 0: the whole run's minutes, validation and saves included (a resume: anew); 0 = none
-RESERVE_PASSES = 0            # image passes predicted after training that RUN_MINUTES keeps time for (notebook)
+MAX_MINUTES = 0.0             # > 0: stop when training steps alone took this long; 0 = no limit
+RUN_MINUTES = 0.0             # > 0: whole-run minutes, validation and saves included; 0 = no limit
+RESERVE_PASSES = 0            # image passes predicted after training that RUN_MINUTES leaves time for
 BATCH_SIZE = 1                # images per step (per process under torchrun)
 LR = "auto"                   # AdamW learning rate | auto
 WEIGHT_DECAY = 1e-3           # AdamW weight decay
 WARMUP_ITERS = 500            # steps of linear warm-up from LR/1000 (at most one epoch)
-SCHEDULE = "plateau"          # LR after the warm-up: plateau (x LR_FACTOR on a plateau) | cosine (to 0 over EPOCHS)
-LR_PATIENCE = 2               # plateau: epochs without a better val AP50 tolerated before the LR drops ...
+SCHEDULE = "plateau"          # LR after warm-up: plateau (x LR_FACTOR on a plateau) | cosine (to 0 over EPOCHS)
+LR_PATIENCE = 2               # plateau: epochs without a better val AP50 before the LR drops ...
 LR_FACTOR = 0.5               # ... by this factor
 EARLY_STOP_PATIENCE = 7       # stop after this many epochs without a better val AP50
 GRAD_CLIP = 10.0              # max gradient norm; 0 = off
-EMA = 0.0                     # decay of a weight average used by validation, best.pt, infer.py (e.g. 0.999); 0 = off
+EMA = 0.0                     # decay of a weight average that validation and infer.py use (0.999); 0 = off
 SEED = 42                     # initialisation, data order and augmentation
 # ---- config: validation (predicts with infer.py's prediction constants)
-VAL_FRACTION = 0.1            # share of training images held out for validation (0 = none: best.pt = last.pt)
+VAL_FRACTION = 0.1            # share of training images held out for validation (0: best.pt = last.pt)
 SPLIT_SEED = 42               # the seeded train/val split (seeds of one setting share it)
 MIN_VAL_IMAGES = 5            # a smaller val split is scored but picks nothing (best.pt, LR, early stop)
-VAL_DETECTIONS_PER_IMAGE = 1000  # detections kept per val image (infer.py DETECTIONS_PER_IMAGE at test time)
+VAL_DETECTIONS_PER_IMAGE = 1000  # detections kept a val image (infer.py's DETECTIONS_PER_IMAGE at test)
 # ---- config: machine
-AMP = "auto"                  # mixed precision: auto (bf16 on capability >= 8.0, fp16 on T4/P100, CPU off) | fp16 |
-                              # bf16 | off
-DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ... (under torchrun: each process its LOCAL_RANK GPU)
+AMP = "auto"                  # mixed precision: auto (bf16 on capability >= 8.0, fp16 on T4/P100, CPU off)
+                              # | fp16 | bf16 | off
+DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ... (torchrun: each process its LOCAL_RANK GPU)
 NUM_WORKERS = 2               # data-loading processes
-CUDNN_BENCHMARK = False       # cuDNN kernel timing for each new input shape (off: every image has its own size)
+CUDNN_BENCHMARK = False       # cuDNN kernel timing per new input shape (off: each image has its own size)
 # ---- end of config
 
 CONFIG = config_block(__file__)  # [(NAME, section, help)]

@@ -92,15 +92,13 @@ def config_block(path):
     return out
 
 
-def apply_overrides(namespace, block, argv=None, description=None, renamed=None):
+def apply_overrides(namespace, block, argv=None, description=None):
     """Override the constants of a config block (config_block's list) in `namespace` (a module's
     globals()) from the command line.
 
     `--epochs 3` sets EPOCHS = 3, with the type taken from the constant's default: booleans take
     true/false (a bare `--resume` means true), lists and dicts take JSON. `--help` lists them by
     section with each one's comment and default.
-    renamed: {old flag: what to use now}, for a flag that has gone (a clear stop instead of argparse's
-    "unrecognized arguments").
     Returns (config dict of the block's constants, set of names given on the command line).
     """
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False,
@@ -123,9 +121,6 @@ def apply_overrides(namespace, block, argv=None, description=None, renamed=None)
         else:
             group.add_argument(flag, type=str, **common)
     argv = sys.argv[1:] if argv is None else list(argv)
-    for old, new in (renamed or {}).items():
-        if any(a == old or a.startswith(old + "=") for a in argv):
-            raise SystemExit(f"{old} is gone: {new}")
     args = parser.parse_args(argv)
     names = [name for name, _, _ in block]
     given = {t[2:].split("=", 1)[0].replace("-", "_").upper() for t in argv if t.startswith("--")}
