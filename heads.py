@@ -47,28 +47,28 @@ STAGE_LOSS_WEIGHTS = (1.0, 0.5, 0.25)
 METRIC_MAX_DETS = 100  # the leaderboard's pycocotools counts at most this many detections per image and class
 
 
-def class_budget(scores, labels, limit, reserve=METRIC_MAX_DETS):
-    """Indices of at most `limit` detections, highest score first, shared out by class: each class keeps
-    its best min(reserve, limit // classes present) whatever the others score (the metric counts 100 per
+def class_budget(scores, labels, detections_per_image, class_reserve=METRIC_MAX_DETS):
+    """Indices of at most `detections_per_image` detections, highest score first, shared out by class: each class
+    keeps its best min(class_reserve, detections_per_image // classes present) whatever the others score (the metric counts 100 per
     image AND class, so a dominant class's 101st detection must not push out a rare class's first), and the
-    rest of the limit goes to the best of the remaining detections. reserve 0 is torchvision's one global
+    rest goes to the best of the remaining detections. class_reserve 0 is torchvision's one global
     top-k (infer.py CLASS_RESERVE)."""
     order = scores.argsort(descending=True, stable=True)
-    if len(order) <= limit:
+    if len(order) <= detections_per_image:
         return order
     ranked = labels[order]
     classes = ranked.unique()
-    per_class = min(reserve, limit // len(classes))
+    per_class = min(class_reserve, detections_per_image // len(classes))
     rank = torch.empty_like(order)  # each detection's place within its own class
     for c in classes:
         where = torch.where(ranked == c)[0]
         rank[where] = torch.arange(len(where), device=rank.device)
     reserved = rank < per_class
-    others = torch.where(~reserved)[0][:max(limit - int(reserved.sum()), 0)]
+    others = torch.where(~reserved)[0][:max(detections_per_image - int(reserved.sum()), 0)]
     return order[torch.cat([torch.where(reserved)[0], others]).sort().values]
 
 
-def select_detections(boxes, scores, score_thresh, nms_thresh, limit, reserve=METRIC_MAX_DETS):
+def select_detections(boxes, scores, score_thresh, nms_thresh, detections_per_image, class_reserve=METRIC_MAX_DETS):
     """One image's candidate boxes (N, K, 4) and probabilities (N, K) of the K foreground classes (labels
     1..K) -> {boxes, scores, labels}: torchvision's postprocess_detections (score threshold, tiny boxes out,
     class-wise NMS), then class_budget in place of its global top-k."""
@@ -80,7 +80,7 @@ def select_detections(boxes, scores, score_thresh, nms_thresh, limit, reserve=ME
     keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
     boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
     keep = box_ops.batched_nms(boxes, scores, labels, nms_thresh)
-    keep = keep[class_budget(scores[keep], labels[keep], limit, reserve)]
+    keep = keep[class_budget(scores[keep], labels[keep], detections_per_image, class_reserve)]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 

@@ -294,7 +294,7 @@ def check_ensemble_split(checkpoints, ckpts):
 
 def checkpoint_list(text):
     """CHECKPOINT -> [path]: 'a.pt,b.pt' is two, split after '.pt' / '.pth' only, so a comma inside a path stays
-    (ablate.py's run folders: 'runs/abl/heads=cascade,seed=42/best.pt'); an existing file is one checkpoint."""
+    (bench/ablate.py's run folders: 'runs/abl/heads=cascade,seed=42/best.pt'); an existing file is one checkpoint."""
     text = str(text).strip()
     if not text or Path(text).is_file():
         return [text] if text else []

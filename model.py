@@ -155,7 +155,7 @@ class BoxMaskTransform(GeneralizedRCNNTransform):
     - At inference masks stay box-relative: the output has `mask_probs` (N,1,28,28) instead of
       `masks` (N,1,H,W). Pasting all N masks into full-size float images is what makes stock
       inference slow and memory-hungry at 1000 detections (1000 x 2500 x 1987 floats = 20 GB);
-      predict.to_results pastes each into its box region only.
+      predict.image_records pastes each into its box region only.
     """
 
     def resize(self, image, target=None):

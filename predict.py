@@ -1,11 +1,12 @@
 """Predicting: a model and one image -> detections; a dataset -> submission-format records.
 
-Library code that infer.py's command line, train.py's validation and ablate.py call:
+Library code that infer.py's command line, train.py's validation and bench/ablate.py call:
     load_model(checkpoint, device, settings)    the trained model, rebuilt from its checkpoint alone
     load_ensemble(checkpoints, device, settings) several, each rebuilt from its own checkpoint, with its opts
-    predict_options(trained_cfg, settings)      how to predict (sizing rule of the run, tiles, TTA, NMS, limits)
+    predict_options(trained_cfg, settings)      how to predict (the run's sizing rule and the settings)
     predict_dataset(model, dataset, ...)        [(image id, (H, W), detections)] of a CellDataset / TestDataset
     to_records(raw, mask_threshold)             -> COCO records (bbox, score, category, compressed RLE)
+    pasted_masks(detections, (H, W), threshold)  each detection's mask in its box region of the image
 
 `settings` is a dict of infer.py's prediction constants (SCORE_THRESHOLD, NMS_THRESHOLD,
 DETECTIONS_PER_IMAGE, CLASS_RESERVE, MASK_THRESHOLD, INPUT_SCALE, TTA, TTA_SCALES, TILE, TILE_OVERLAP).
@@ -104,42 +105,48 @@ def region_rle(region, y0, x0, height, width):
     return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
 
-def to_results(output, image_id, mask_threshold, image_size):
-    """One image's model output -> submission records (bbox xywh, RLE with str counts).
+def pasted_masks(output, image_size, mask_threshold):
+    """Each detection's box-relative mask pasted into its box region of an image of image_size (H, W), thresholded:
+    yields (detection index, region bool, y0, x0) of the detections whose mask is not empty.
 
-    Each box-relative mask is pasted into its box region and encoded from there: memory grows with
-    the image, not with detections x image. A detection whose mask is empty after thresholding is
-    dropped: it could only be a false positive, and it would take one of the 100 detections per
-    image and class that the leaderboard counts."""
+    Memory grows with the image, not with detections x image. A detection whose mask is empty after
+    thresholding is left out: it could only be a false positive, and it would take one of the 100
+    detections per image and class that the leaderboard counts."""
     boxes = output["boxes"].detach().cpu()
     if len(boxes) == 0:
-        return []
+        return
     height, width = (int(v) for v in image_size)
-    probs = output["mask_probs"].detach().cpu().float()
-    probs, scale = expand_masks(probs, padding=1)
-    pasted_boxes = expand_boxes(boxes, scale).to(torch.int64).tolist()
-    results = []
-    for prob, pbox, box, score, label in zip(probs[:, 0], pasted_boxes, boxes.tolist(), output["scores"].tolist(),
-                                             output["labels"].tolist()):
-        region, y0, x0 = paste_in_box(prob, pbox, height, width, mask_threshold)
-        if not region.any():
-            continue
-        x_min, y_min, x_max, y_max = box
-        results.append({"image_id": int(image_id), "bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
-                        "score": float(score), "category_id": int(label),
+    probs, scale = expand_masks(output["mask_probs"].detach().cpu().float(), padding=1)
+    for i, pbox in enumerate(expand_boxes(boxes, scale).to(torch.int64).tolist()):
+        region, y0, x0 = paste_in_box(probs[i, 0], pbox, height, width, mask_threshold)
+        if region.any():
+            yield i, region, y0, x0
+
+
+def image_records(output, image_id, mask_threshold, image_size):
+    """One image's detections -> submission records (bbox xywh, RLE with str counts; pasted_masks)."""
+    height, width = (int(v) for v in image_size)
+    boxes, scores, labels = output["boxes"].tolist(), output["scores"].tolist(), output["labels"].tolist()
+    records = []
+    for i, region, y0, x0 in pasted_masks(output, image_size, mask_threshold):
+        x_min, y_min, x_max, y_max = boxes[i]
+        records.append({"image_id": int(image_id), "bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
+                        "score": float(scores[i]), "category_id": int(labels[i]),
                         "segmentation": region_rle(region, y0, x0, height, width)})
-    return results
+    return records
 
 
 # ---- one image: the training's sizing rule, tiles, test-time augmentation ------------------------
 FIELDS = ("boxes", "scores", "labels", "mask_probs")
 
 
-def _cat(outputs):
+def cat_detections(outputs):
+    """Several detection dicts as one (FIELDS concatenated)."""
     return {k: torch.cat([o[k] for o in outputs]) for k in FIELDS}
 
 
-def _select(out, index):
+def subset_detections(out, index):
+    """The detections of `out` at index (a bool mask or indices)."""
     return {k: out[k][index] for k in FIELDS}
 
 
@@ -173,18 +180,19 @@ def tile_cores(starts, tile):
     return list(zip([-math.inf] + cuts, cuts + [math.inf]))
 
 
-def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, reserve, mask_chunk=0):
+def predict_tiled(model, image, factor, tile, tile_overlap, nms_threshold, detections_per_image, class_reserve,
+                  mask_chunk=0):
     """Overlapping tiles of tile x tile image pixels, each resized by `factor`. A detection is kept by
-    the tile that owns its box centre, so a cell up to `overlap` px wide comes from a tile that holds it
-    whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice, and the
-    limit is shared out by class as in the RoI heads (heads.class_budget).
+    the tile that owns its box centre, so a cell up to `tile_overlap` px wide comes from a tile that holds it
+    whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice, and
+    detections_per_image is shared out by class as in the RoI heads (heads.class_budget).
 
     Boxes first, masks last: every tile's boxes are found (model.detect, which keeps the tile's features),
-    stitched and cut to the limit before the mask head runs (model.segment) on the detections kept, each over
-    its own tile's features. It sees `limit` boxes an image instead of up to `limit` a tile; the masks are the
+    stitched and cut to detections_per_image before the mask head runs (model.segment) on the detections kept,
+    each over its own tile's features. It sees detections_per_image boxes an image instead of as many a tile; the masks are the
     same as in one pass; the price is the features of all tiles held at once (about 155 MB a 1344-px tile
     at 256 channels, fp32). mask_chunk > 0: the mask head over at most that many detections at once."""
-    ys, xs = tile_grid(image.shape[-2:], tile, overlap)
+    ys, xs = tile_grid(image.shape[-2:], tile, tile_overlap)
     encoded, parts = [], []
     for y0, (ylo, yhi) in zip(ys, tile_cores(ys, tile)):
         for x0, (xlo, xhi) in zip(xs, tile_cores(xs, tile)):
@@ -203,7 +211,8 @@ def predict_tiled(model, image, factor, tile, overlap, nms_threshold, limit, res
             encoded.append(features if own.any() else None)  # a tile that keeps nothing frees its features now
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     keep = batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)
-    out = {k: v[keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)]] for k, v in out.items()}
+    keep = keep[class_budget(out["scores"][keep], out["labels"][keep], detections_per_image, class_reserve)]
+    out = {k: v[keep] for k, v in out.items()}
     out["mask_probs"] = tile_masks(model, encoded, out, image.device, mask_chunk)
     return {k: out[k] for k in FIELDS}
 
@@ -242,7 +251,7 @@ def predict_image(model, image, opts, scale_mult=1.0):
     tiles where the input would pass MAX_SIZE (opts['tile']), else shrunk to fit."""
     factor, tile = tiling(image, opts, scale_mult)
     if tile:
-        return predict_tiled(model, image, factor, tile, opts["overlap"], opts["nms"], opts["limit"], opts["reserve"],
+        return predict_tiled(model, image, factor, tile, opts["tile_overlap"], opts["nms_threshold"], opts["detections_per_image"], opts["class_reserve"],
                              opts.get("mask_chunk", 0))
     return forward_resized(model, image, factor)
 
@@ -282,7 +291,7 @@ def resample_masks(probs, src_boxes, dst_boxes):
     return F.grid_sample(probs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
 
 
-def fuse_detections(outputs, iou_threshold, limit, reserve):
+def fuse_detections(outputs, iou_threshold, detections_per_image, class_reserve):
     """Merge the detections of several passes (weighted box and mask fusion; torchvision has only NMS).
 
     A class-wise box NMS over all passes picks one representative per cell; every detection joins the
@@ -290,11 +299,11 @@ def fuse_detections(outputs, iou_threshold, limit, reserve):
     probabilities are the score-weighted means of its members' (masks resampled into the fused box);
     its score is the members' score sum over the number of passes, never above its best member's, so
     a cell that one pass of three found scores a third."""
-    out = _cat(outputs)
+    out = cat_detections(outputs)
     if len(out["boxes"]) == 0:
         return out
     keep = batched_nms(out["boxes"], out["scores"], out["labels"], iou_threshold)
-    keep = keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)]
+    keep = keep[class_budget(out["scores"][keep], out["labels"][keep], detections_per_image, class_reserve)]
     iou = torch.nan_to_num(box_iou(out["boxes"][keep], out["boxes"]), nan=0.0)
     iou[out["labels"][keep][:, None] != out["labels"][None]] = -1.0
     iou[torch.arange(len(keep)), keep] = 2.0  # a representative is its own member, also a zero-area one
@@ -325,21 +334,17 @@ def predict_members(members, image):
     --checkpoint a.pt,b.pt), each with its own sizing and TTA; all passes (checkpoints x TTA) fused once."""
     outs = [out for model, opts in members for out in tta_outputs(model, image, opts)]
     opts = members[0][1]
-    return outs[0] if len(outs) == 1 else fuse_detections(outs, opts["nms"], opts["limit"], opts["reserve"])
-
-
-def predict_tta(model, image, opts):
-    """Detections of one image with the test-time augmentation of opts['tta'] (passes fused)."""
-    return predict_members([(model, opts)], image)
+    return outs[0] if len(outs) == 1 else fuse_detections(outs, opts["nms_threshold"], opts["detections_per_image"], opts["class_reserve"])
 
 
 def predict_options(trained, settings):
-    """How to predict, from a run's configuration (its sizing rule) and the prediction settings."""
+    """How to predict, from a run's configuration (its sizing rule) and the prediction settings: each setting under
+    its name in lower case (DETECTIONS_PER_IMAGE -> opts['detections_per_image']), and 'sizing'."""
     tta_passes(settings["TTA"], settings["TTA_SCALES"])  # refuse an unknown mode now, not after the first image
     return {"sizing": (trained["MIN_SIZE"], trained["MAX_SIZE"], settings["INPUT_SCALE"] or trained["SCALE"]),
             "tta": settings["TTA"], "tta_scales": settings["TTA_SCALES"], "tile": settings["TILE"],
-            "overlap": settings["TILE_OVERLAP"], "nms": settings["NMS_THRESHOLD"],
-            "limit": settings["DETECTIONS_PER_IMAGE"], "reserve": settings["CLASS_RESERVE"],
+            "tile_overlap": settings["TILE_OVERLAP"], "nms_threshold": settings["NMS_THRESHOLD"],
+            "detections_per_image": settings["DETECTIONS_PER_IMAGE"], "class_reserve": settings["CLASS_RESERVE"],
             "mask_threshold": settings["MASK_THRESHOLD"]}
 
 
@@ -403,7 +408,8 @@ def predict_dataset(model, dataset, device, opts, num_workers=0, desc="predict")
 
 
 def to_records(raw, mask_threshold):
-    return [r for image_id, size, out in raw for r in to_results(out, image_id, mask_threshold, size)]
+    """predict_dataset's [(image id, (H, W), detections)] -> the COCO records of all images (image_records)."""
+    return [r for image_id, size, out in raw for r in image_records(out, image_id, mask_threshold, size)]
 
 
 def in_order_loader(dataset, num_workers=0):

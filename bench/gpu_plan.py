@@ -305,7 +305,7 @@ def test_plan(sizes, opts):
         image = torch.empty(3, h, w)
         factor, tile = predict.tiling(image, opts)
         if tile:
-            ys, xs = predict.tile_grid((h, w), tile, opts["overlap"])
+            ys, xs = predict.tile_grid((h, w), tile, opts["tile_overlap"])
             crop = torch.zeros(3, min(tile, h), min(tile, w))
             plan.append((len(ys) * len(xs), tuple(resize_image(crop, factor).shape[-2:])))
         else:

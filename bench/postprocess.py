@@ -44,7 +44,7 @@ def run_one(kind, n, h, w, device, queue):
     base = start_peaks(device.startswith("cuda"))
     t0 = time.perf_counter()
     if kind == "ours":
-        results = predict.to_results(out, 1, 0.5, (h, w))
+        results = predict.image_records(out, 1, 0.5, (h, w))
         count = len(results)
     else:
         masks = paste_masks_in_image(out["mask_probs"], out["boxes"], (h, w))[:, 0] > 0.5

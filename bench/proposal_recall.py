@@ -29,7 +29,7 @@ def inputs(image, opts):
     factor, tile = tiling(image, opts)
     if not tile:
         return [(resize_image(image, factor), (0, 0), factor)]
-    ys, xs = tile_grid(image.shape[-2:], tile, opts["overlap"])
+    ys, xs = tile_grid(image.shape[-2:], tile, opts["tile_overlap"])
     return [(resize_image(image[:, y0:y0 + tile, x0:x0 + tile], factor), (x0, y0), factor) for y0 in ys for x0 in xs]
 
 

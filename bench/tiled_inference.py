@@ -23,20 +23,21 @@ from heads import class_budget
 from utils import pick_device
 
 
-def one_pass_tiled(model, image, factor, tile, overlap, nms_threshold, limit, reserve):
+def one_pass_tiled(model, image, factor, tile, tile_overlap, nms_threshold, detections_per_image, class_reserve):
     """predict_tiled's detections the one-pass way: every tile through the model's forward (masks for all its
     detections), then the same core filter, NMS and budget."""
-    ys, xs = predict.tile_grid(image.shape[-2:], tile, overlap)
+    ys, xs = predict.tile_grid(image.shape[-2:], tile, tile_overlap)
     parts = []
     for y0, (ylo, yhi) in zip(ys, predict.tile_cores(ys, tile)):
         for x0, (xlo, xhi) in zip(xs, predict.tile_cores(xs, tile)):
             out = predict.forward_resized(model, image[:, y0:y0 + tile, x0:x0 + tile], factor)
             out["boxes"] += torch.tensor([x0, y0, x0, y0], dtype=out["boxes"].dtype)
             c = (out["boxes"][:, :2] + out["boxes"][:, 2:]) / 2
-            parts.append(predict._select(out, (c[:, 0] >= xlo) & (c[:, 0] < xhi) & (c[:, 1] >= ylo) & (c[:, 1] < yhi)))
-    out = predict._cat(parts)
+            parts.append(predict.subset_detections(out, (c[:, 0] >= xlo) & (c[:, 0] < xhi) & (c[:, 1] >= ylo) & (c[:, 1] < yhi)))
+    out = predict.cat_detections(parts)
     keep = predict.batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)
-    return predict._select(out, keep[class_budget(out["scores"][keep], out["labels"][keep], limit, reserve)])
+    keep = keep[class_budget(out["scores"][keep], out["labels"][keep], detections_per_image, class_reserve)]
+    return predict.subset_detections(out, keep)
 
 
 def timed(fn, device):
@@ -85,11 +86,11 @@ def main(argv=None):
     for n, (image, meta) in enumerate(items):
         image = image.to(device)
         factor, tile = predict.tiling(image, opts)
-        ys, xs = predict.tile_grid(image.shape[-2:], tile, opts["overlap"])
+        ys, xs = predict.tile_grid(image.shape[-2:], tile, opts["tile_overlap"])
         tiles = len(ys) * len(xs)
         ways = {"ours": lambda: predict.predict_image(model, image, opts),
-                "one": lambda: one_pass_tiled(model, image, factor, tile, opts["overlap"], opts["nms"], opts["limit"],
-                                              opts["reserve"])}
+                "one": lambda: one_pass_tiled(model, image, factor, tile, opts["tile_overlap"], opts["nms_threshold"], opts["detections_per_image"],
+                                              opts["class_reserve"])}
         if n == 0:
             ways["one"]()  # warm-up, untimed
         got = {}
@@ -105,7 +106,7 @@ def main(argv=None):
               f"{len(ours['boxes'])} / {len(one['boxes'])} detections, largest difference {diff:.2g}", flush=True)
         total_ours += t_ours
         total_one += t_one
-    print(f"device {device} ({torch.get_num_threads()} threads), DETECTIONS_PER_IMAGE {opts['limit']}, "
+    print(f"device {device} ({torch.get_num_threads()} threads), DETECTIONS_PER_IMAGE {opts['detections_per_image']}, "
           f"RPN_PROPOSALS {settings['RPN_PROPOSALS']}")
     print(f"one pass / boxes first: {total_one / max(total_ours, 1e-9):.2f}x ({total_one:.1f} s / {total_ours:.1f} s)")
 

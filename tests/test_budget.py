@@ -22,7 +22,7 @@ def test_a_rare_class_keeps_its_detections_when_a_dominant_class_fills_the_limit
     scores, labels = crowded()
     global_topk = scores.argsort(descending=True)[:200]
     assert (labels[global_topk] == 3).sum() == 0  # torchvision's global top-k: the rare class is gone
-    keep = class_budget(scores, labels, limit=200)
+    keep = class_budget(scores, labels, detections_per_image=200)
     assert len(keep) == 200 and len(set(keep.tolist())) == 200
     assert (labels[keep] == 3).sum() == 40  # every rare detection (under its reserve of 100)
     assert (labels[keep] == 2).sum() == 160  # the rest of the limit: the best of class 2
@@ -33,11 +33,11 @@ def test_a_rare_class_keeps_its_detections_when_a_dominant_class_fills_the_limit
 
 def test_the_reserve_is_the_metrics_100_and_shrinks_to_fit_a_small_limit():
     scores, labels = crowded(n_major=600, n_rare=300)  # both classes over 100
-    keep = class_budget(scores, labels, limit=1000)
+    keep = class_budget(scores, labels, detections_per_image=1000)
     assert len(keep) == 900  # under the limit: everything, in score order
-    keep = class_budget(scores, labels, limit=250)
+    keep = class_budget(scores, labels, detections_per_image=250)
     assert (labels[keep] == 3).sum() == 100 and (labels[keep] == 2).sum() == 150
-    keep = class_budget(scores, labels, limit=50)  # 50 // 2 classes = 25 each
+    keep = class_budget(scores, labels, detections_per_image=50)  # 50 // 2 classes = 25 each
     assert (labels[keep] == 3).sum() == 25 and (labels[keep] == 2).sum() == 25
 
 
@@ -62,7 +62,7 @@ def test_the_heads_post_processing_is_torchvisions_where_the_budget_does_not_bin
 
 def test_reserve_0_is_torchvisions_global_top_k():
     scores, labels = crowded()
-    assert torch.equal(class_budget(scores, labels, limit=200, reserve=0), scores.argsort(descending=True)[:200])
+    assert torch.equal(class_budget(scores, labels, detections_per_image=200, class_reserve=0), scores.argsort(descending=True)[:200])
 
 
 @pytest.mark.parametrize("reserve", [100, 0])
@@ -100,9 +100,9 @@ def detections(scores, labels):
 
 def test_tta_fusion_shares_the_limit_out_by_class():
     scores, labels = crowded(300, 30)
-    fused = predict.fuse_detections([detections(scores, labels)], 0.5, limit=100, reserve=100)
+    fused = predict.fuse_detections([detections(scores, labels)], 0.5, detections_per_image=100, class_reserve=100)
     assert len(fused["labels"]) == 100 and (fused["labels"] == 3).sum() == 30
-    fused = predict.fuse_detections([detections(scores, labels)], 0.5, limit=100, reserve=0)
+    fused = predict.fuse_detections([detections(scores, labels)], 0.5, detections_per_image=100, class_reserve=0)
     assert (fused["labels"] == 3).sum() == 0
 
 
@@ -132,7 +132,7 @@ def test_where_every_class_reserve_is_inside_the_global_top_k_the_cut_is_torchvi
     scores = torch.rand(500)
     labels = torch.randint(1, 5, (500,))
     scores[labels == 4] += 1.0  # class 4 first, then the rest mixed: every class's best 25 fall in the top 300
-    keep = class_budget(scores, labels, limit=300, reserve=25)
+    keep = class_budget(scores, labels, detections_per_image=300, class_reserve=25)
     assert torch.equal(keep, scores.argsort(descending=True)[:300])
 
 

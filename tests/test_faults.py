@@ -227,7 +227,7 @@ def test_disk_full_while_saving(tmp_path, monkeypatch):
 def test_empty_prediction_keeps_the_submission_valid():
     out = {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64),
            "mask_probs": torch.zeros((0, 1, 28, 28))}
-    assert predict.to_results(out, 1, 0.5, (20, 25)) == []
+    assert predict.image_records(out, 1, 0.5, (20, 25)) == []
     table = [{"file_name": "a.tif", "id": 1, "height": 20, "width": 25}]
     assert infer.check_submission([], table)
 

@@ -38,7 +38,7 @@ def test_train_step_flops_grow_with_input(tiny_model):
 
 
 def test_tiles_come_from_predict_tiling():
-    opts = {"sizing": (800, 1333, 2.0), "tile": True, "overlap": 128}
+    opts = {"sizing": (800, 1333, 2.0), "tile": True, "tile_overlap": 128}
     (tiles, shape), (one, whole) = gpu_plan.test_plan([(2500, 735), (300, 400)], opts)
     assert tiles >= 4 and max(shape) <= 1333  # a 2500 px image at SCALE 2: 666-px windows, several of them
     assert one == 1 and whole == (600, 800)

@@ -79,10 +79,10 @@ def test_an_image_out_of_memory_in_every_retry_is_named(tiny, demo_dir, monkeypa
 
 def test_mask_head_in_chunks_gives_the_same_masks(tiny, demo_dir, monkeypatch):
     image, _ = CellDataset(demo_dir, list_train_ids(demo_dir)[:1], train=False)[0]
-    whole = predict.predict_tiled(tiny, image, 1.0, 40, 8, 0.5, limit=50, reserve=100)
+    whole = predict.predict_tiled(tiny, image, 1.0, 40, 8, 0.5, detections_per_image=50, class_reserve=100)
     sizes, segment = [], tiny.segment
     monkeypatch.setattr(tiny, "segment", lambda enc, dets: sizes.append(len(dets[0]["boxes"])) or segment(enc, dets))
-    chunked = predict.predict_tiled(tiny, image, 1.0, 40, 8, 0.5, limit=50, reserve=100, mask_chunk=3)
+    chunked = predict.predict_tiled(tiny, image, 1.0, 40, 8, 0.5, detections_per_image=50, class_reserve=100, mask_chunk=3)
     assert len(whole["boxes"]) > 3 and max(sizes) == 3 and sum(sizes) == len(whole["boxes"])
     assert torch.equal(chunked["boxes"], whole["boxes"])
     assert torch.allclose(chunked["mask_probs"], whole["mask_probs"], atol=1e-6)

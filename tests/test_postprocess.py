@@ -35,7 +35,7 @@ def test_fast_path_equals_stock_path(h, w, threshold):
     # full-height and full-image boxes: runs that continue from one column into the next
     out["boxes"][:2] = torch.tensor([[0.0, 0.0, w, h], [3.0, 0.0, 9.0, h]])
     out["mask_probs"][:2] = 0.99
-    ours = predict.to_results(out, 7, threshold, (h, w))
+    ours = predict.image_records(out, 7, threshold, (h, w))
     counts, masks = stock_results(out, (h, w), threshold)
     kept = masks.any((1, 2))  # the stock path also writes detections whose mask is empty; ours drops them
     counts, masks = [c for c, k in zip(counts, kept) if k], masks[kept]
@@ -50,10 +50,10 @@ def test_detections_whose_mask_is_empty_are_dropped():
            "scores": torch.tensor([0.9, 0.8, 0.7]), "labels": torch.tensor([1, 2, 3]),
            "mask_probs": torch.full((3, 1, 28, 28), 0.9)}
     out["mask_probs"][1] = 0.2  # nothing above the threshold: a sure false positive
-    records = predict.to_results(out, 1, 0.5, (40, 40))
+    records = predict.image_records(out, 1, 0.5, (40, 40))
     assert [r["category_id"] for r in records] == [1, 3]
     assert all(decode_mask(r["segmentation"]).any() for r in records)
-    assert len(predict.to_results(out, 1, 0.1, (40, 40))) == 3
+    assert len(predict.image_records(out, 1, 0.1, (40, 40))) == 3
 
 
 def test_region_rle_edge_cases():

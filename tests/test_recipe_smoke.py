@@ -32,7 +32,7 @@ def test_recipe_trains_a_step_and_predicts_in_tiles_on_the_real_sample(sample_di
     original, _ = CellDataset(sample_dir, ["course-sample"])[0]  # 397 x 482: at x1 it passes 400, so 2 tiles
     opts = predict.predict_options(dict(cfg, SCALE=1.0), infer.prediction_settings(DETECTIONS_PER_IMAGE=100))
     with torch.no_grad():
-        out = predict.predict_tta(model, original, opts)
-    records = predict.to_results(out, 1, 0.5, original.shape[-2:])
+        out = predict.predict_members([(model, opts)], original)
+    records = predict.image_records(out, 1, 0.5, original.shape[-2:])
     assert len(records) == len(out["boxes"]) <= 100
     assert all(r["segmentation"]["size"] == [397, 482] for r in records)

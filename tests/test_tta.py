@@ -61,9 +61,8 @@ def blob_image(rng, h, w, n, symmetric=False):
 
 
 def opts(max_size=4096, **kw):
-    """predict_options of a run at a fixed x1 scale; kw: tile, overlap, tta, tta_scales (infer.py's settings)."""
-    names = {"tile": "TILE", "overlap": "TILE_OVERLAP", "tta": "TTA", "tta_scales": "TTA_SCALES"}
-    settings = infer.prediction_settings(**{names[k]: v for k, v in kw.items()})
+    """predict_options of a run at a fixed x1 scale; kw: infer.py's prediction settings in lower case (tta=...)."""
+    settings = infer.prediction_settings(**{k.upper(): v for k, v in kw.items()})
     return predict.predict_options({"MIN_SIZE": 0, "MAX_SIZE": max_size, "SCALE": 1.0}, settings)
 
 
@@ -91,7 +90,7 @@ def test_tiled_prediction_equals_whole_image_without_seam_duplicates():
     image = blob_image(rng, 300, 260, 120)
     model = BlobDetector()
     whole = predict.predict_image(model, image, opts(tile=False))
-    tiled = predict.predict_image(model, image, opts(max_size=96, overlap=40))
+    tiled = predict.predict_image(model, image, opts(max_size=96, tile_overlap=40))
     assert len(predict.tile_starts(300, 96, 40)) > 3  # really tiled
     assert as_set(tiled) == as_set(whole) and no_duplicates(tiled)
     untiled_small = predict.predict_image(model, image, opts(max_size=96, tile=False))  # shrunk to fit instead
@@ -103,8 +102,8 @@ def test_flip_tta_merges_without_duplicates(symmetric):
     rng = np.random.default_rng(1)
     image = blob_image(rng, 120, 160, 30, symmetric=symmetric)
     model = BlobDetector()
-    single = predict.predict_tta(model, image, opts())
-    fused = predict.predict_tta(model, image, opts(tta="flips"))
+    single = predict.predict_members([(model, opts())], image)
+    fused = predict.predict_members([(model, opts(tta="flips"))], image)
     assert len(single["boxes"]) >= 8
     assert as_set(fused) == as_set(single) and no_duplicates(fused)
     by_box = {tuple(b): p for b, p in zip(single["boxes"].tolist(), single["mask_probs"])}
@@ -116,7 +115,7 @@ def test_flip_tta_merges_without_duplicates(symmetric):
 
 def test_scale_tta_runs_and_stays_duplicate_free():
     image = blob_image(np.random.default_rng(2), 120, 160, 30)
-    fused = predict.predict_tta(BlobDetector(), image, opts(tta="flips+scales", tta_scales=[0.8, 1.25]))
+    fused = predict.predict_members([(BlobDetector(), opts(tta="flips+scales", tta_scales=[0.8, 1.25]))], image)
     assert len(fused["boxes"]) >= 8 and no_duplicates(fused)
     with pytest.raises(ValueError, match="choose none, flips or flips"):
         opts(tta="rotations")
@@ -128,7 +127,7 @@ def test_fusion_weighs_passes_and_averages_masks():
     b = {**a, "boxes": box + 1.0, "scores": torch.tensor([0.3]), "mask_probs": torch.zeros(1, 1, 28, 28)}
     lone = {**a, "boxes": torch.tensor([[50.0, 50.0, 60.0, 60.0]]), "scores": torch.tensor([0.6])}
     empty = {k: v[:0] for k, v in a.items()}
-    fused = predict.fuse_detections([a, b, lone], iou_threshold=0.5, limit=100, reserve=100)
+    fused = predict.fuse_detections([a, b, lone], iou_threshold=0.5, detections_per_image=100, class_reserve=100)
     assert fused["scores"].tolist() == pytest.approx([0.4, 0.2])  # (0.9 + 0.3) / 3, and 0.6 / 3
     assert torch.allclose(fused["boxes"][0], box[0] + 0.25)  # score-weighted mean box
     centre = fused["mask_probs"][0, 0, 4:24, 4:24]
@@ -157,15 +156,15 @@ def test_tiles_take_boxes_first_and_masks_last_with_the_masks_of_one_pass(factor
     image, tile, overlap = torch.rand(3, 150, 200), 96, 32
     assert len(predict.tile_starts(150, tile, overlap)) * len(predict.tile_starts(200, tile, overlap)) == 6
     with torch.no_grad():
-        ours = predict.predict_tiled(model, image, factor, tile, overlap, 0.5, limit=40, reserve=100)
+        ours = predict.predict_tiled(model, image, factor, tile, overlap, 0.5, detections_per_image=40, class_reserve=100)
         assert sum(masked) == len(ours["boxes"]) == 40  # the mask head on the 40 kept ...
         masked.clear()
-        one = one_pass_tiled(model, image, factor, tile, overlap, 0.5, limit=40, reserve=100)
+        one = one_pass_tiled(model, image, factor, tile, overlap, 0.5, detections_per_image=40, class_reserve=100)
     assert sum(masked) > 40 * 4  # ... where one pass runs it on every tile's 40
     for k in predict.FIELDS:
         assert torch.allclose(ours[k].float(), one[k].float(), atol=1e-5), k
 
 
 def test_tiles_without_a_detection_give_none():
-    out = predict.predict_tiled(BlobDetector(), torch.zeros(3, 200, 200), 1.0, 96, 32, 0.5, limit=40, reserve=100)
+    out = predict.predict_tiled(BlobDetector(), torch.zeros(3, 200, 200), 1.0, 96, 32, 0.5, detections_per_image=40, class_reserve=100)
     assert len(out["boxes"]) == 0 and out["mask_probs"].shape == (0, 1, 28, 28)
