@@ -34,6 +34,7 @@ from utils import load_checkpoint
 
 OOM_TILE_DIVISORS = [2, 4]    # out of GPU memory: the image again in tiles 1/2, then 1/4 the input side that failed
 OOM_MASK_CHUNK = 100          # ... with the mask head over at most this many detections at once
+CORE_MARGIN = 1 / 8           # tiles keep detections centred up to this share of the overlap past a seam (core_margin)
 
 
 class PredictionMemoryError(torch.cuda.OutOfMemoryError):
@@ -180,12 +181,29 @@ def tile_cores(starts, tile):
     return list(zip([-math.inf] + cuts, cuts + [math.inf]))
 
 
+def core_margin(tile, overlap):
+    """How far past each seam of its core (px) a tile keeps detections: CORE_MARGIN of the overlap, capped as in
+    tile_grid. A seam lies >= overlap / 2 px from both tiles' edges, so a cell kept through the margin is whole
+    in its tile up to overlap - 2 margins px wide (96 px at TILE_OVERLAP 128; the 99th-percentile cell: 63 px)."""
+    return min(overlap, tile // 2) * CORE_MARGIN
+
+
+def tile_owns(boxes, ycore, xcore, margin):
+    """Bool mask of the boxes (image pixels) whose centre lies in a tile's core ([lo, hi) rows and columns of
+    tile_cores) widened by `margin` px on each side (an outer side is infinite already)."""
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    (ylo, yhi), (xlo, xhi) = ycore, xcore
+    return (cx >= xlo - margin) & (cx < xhi + margin) & (cy >= ylo - margin) & (cy < yhi + margin)
+
+
 def predict_tiled(model, image, factor, tile, tile_overlap, nms_threshold, detections_per_image, class_reserve,
                   mask_chunk=0):
     """Overlapping tiles of tile x tile image pixels, each resized by `factor`. A detection is kept by
-    the tile that owns its box centre, so a cell up to `tile_overlap` px wide comes from a tile that holds it
-    whole and from no other; a class-wise NMS over the stitched set catches larger cells seen twice, and
-    detections_per_image is shared out by class as in the RoI heads (heads.class_budget).
+    every tile whose core, widened by core_margin past its seams, holds its box centre (tile_owns), so a cell
+    on a seam is kept unless the tiles' estimates of its centre differ by two margins, and one up to
+    tile_overlap - 2 margins px wide only from tiles that hold it whole; a class-wise NMS over the stitched set
+    removes the cells kept twice, and detections_per_image is shared out by class as in the RoI heads
+    (heads.class_budget).
 
     Boxes first, masks last: every tile's boxes are found (model.detect, which keeps the tile's features),
     stitched and cut to detections_per_image before the mask head runs (model.segment) on the detections kept,
@@ -193,9 +211,10 @@ def predict_tiled(model, image, factor, tile, tile_overlap, nms_threshold, detec
     same as in one pass; the price is the features of all tiles held at once (about 155 MB a 1344-px tile
     at 256 channels, fp32). mask_chunk > 0: the mask head over at most that many detections at once."""
     ys, xs = tile_grid(image.shape[-2:], tile, tile_overlap)
+    margin = core_margin(tile, tile_overlap)
     encoded, parts = [], []
-    for y0, (ylo, yhi) in zip(ys, tile_cores(ys, tile)):
-        for x0, (xlo, xhi) in zip(xs, tile_cores(xs, tile)):
+    for y0, ycore in zip(ys, tile_cores(ys, tile)):
+        for x0, xcore in zip(xs, tile_cores(xs, tile)):
             crop = image[:, y0:y0 + tile, x0:x0 + tile]
             x = resize_image(crop, factor)
             found, features = model.detect([x])
@@ -204,9 +223,7 @@ def predict_tiled(model, image, factor, tile, tile_overlap, nms_threshold, detec
             boxes = resize_boxes(out["input_boxes"], x.shape[-2:], crop.shape[-2:])
             out["boxes"] = boxes + torch.tensor([x0, y0, x0, y0], dtype=boxes.dtype)
             out["scores"] = out["scores"].float()
-            cx = (out["boxes"][:, 0] + out["boxes"][:, 2]) / 2
-            cy = (out["boxes"][:, 1] + out["boxes"][:, 3]) / 2
-            own = (cx >= xlo) & (cx < xhi) & (cy >= ylo) & (cy < yhi)
+            own = tile_owns(out["boxes"], ycore, xcore, margin)
             parts.append({k: v[own] for k, v in out.items()})
             encoded.append(features if own.any() else None)  # a tile that keeps nothing frees its features now
     out = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -298,12 +315,12 @@ def fuse_detections(outputs, iou_threshold, detections_per_image, class_reserve)
     same-class representative it overlaps most (IoU > iou_threshold). A cell's box and 28x28 mask
     probabilities are the score-weighted means of its members' (masks resampled into the fused box);
     its score is the members' score sum over the number of passes, never above its best member's, so
-    a cell that one pass of three found scores a third."""
+    a cell that one pass of three found scores a third. Every cell is fused before detections_per_image is
+    shared out by class (heads.class_budget) on the fused scores, highest first."""
     out = cat_detections(outputs)
     if len(out["boxes"]) == 0:
         return out
     keep = batched_nms(out["boxes"], out["scores"], out["labels"], iou_threshold)
-    keep = keep[class_budget(out["scores"][keep], out["labels"][keep], detections_per_image, class_reserve)]
     iou = torch.nan_to_num(box_iou(out["boxes"][keep], out["boxes"]), nan=0.0)
     iou[out["labels"][keep][:, None] != out["labels"][None]] = -1.0
     iou[torch.arange(len(keep)), keep] = 2.0  # a representative is its own member, also a zero-area one
@@ -317,9 +334,9 @@ def fuse_detections(outputs, iou_threshold, detections_per_image, class_reserve)
     scores = torch.minimum(wsum / len(outputs), top)
     probs = resample_masks(out["mask_probs"][member, 0], out["boxes"][member], boxes[idx])
     masks = torch.zeros(k, *probs.shape[1:]).index_add_(0, idx, w[:, None, None] * probs) / wsum[:, None, None]
-    order = scores.argsort(descending=True)
-    return {"boxes": boxes[order], "scores": scores[order], "labels": out["labels"][keep][order],
-            "mask_probs": masks[order, None]}
+    labels = out["labels"][keep]
+    order = class_budget(scores, labels, detections_per_image, class_reserve)
+    return {"boxes": boxes[order], "scores": scores[order], "labels": labels[order], "mask_probs": masks[order, None]}
 
 
 def tta_outputs(model, image, opts):

@@ -25,15 +25,15 @@ from utils import pick_device
 
 def one_pass_tiled(model, image, factor, tile, tile_overlap, nms_threshold, detections_per_image, class_reserve):
     """predict_tiled's detections the one-pass way: every tile through the model's forward (masks for all its
-    detections), then the same core filter, NMS and budget."""
+    detections), then the same core filter (predict.tile_owns), NMS and budget."""
     ys, xs = predict.tile_grid(image.shape[-2:], tile, tile_overlap)
+    margin = predict.core_margin(tile, tile_overlap)
     parts = []
-    for y0, (ylo, yhi) in zip(ys, predict.tile_cores(ys, tile)):
-        for x0, (xlo, xhi) in zip(xs, predict.tile_cores(xs, tile)):
+    for y0, ycore in zip(ys, predict.tile_cores(ys, tile)):
+        for x0, xcore in zip(xs, predict.tile_cores(xs, tile)):
             out = predict.forward_resized(model, image[:, y0:y0 + tile, x0:x0 + tile], factor)
             out["boxes"] += torch.tensor([x0, y0, x0, y0], dtype=out["boxes"].dtype)
-            c = (out["boxes"][:, :2] + out["boxes"][:, 2:]) / 2
-            parts.append(predict.subset_detections(out, (c[:, 0] >= xlo) & (c[:, 0] < xhi) & (c[:, 1] >= ylo) & (c[:, 1] < yhi)))
+            parts.append(predict.subset_detections(out, predict.tile_owns(out["boxes"], ycore, xcore, margin)))
     out = predict.cat_detections(parts)
     keep = predict.batched_nms(out["boxes"], out["scores"], out["labels"], nms_threshold)
     keep = keep[class_budget(out["scores"][keep], out["labels"][keep], detections_per_image, class_reserve)]

@@ -106,6 +106,18 @@ def test_tta_fusion_shares_the_limit_out_by_class():
     assert (fused["labels"] == 3).sum() == 0
 
 
+
+def test_tta_fusion_shares_the_limit_out_on_the_fused_scores():
+    """100 cells both passes found (0.6 each: fused 0.6) beat 100 that one pass found at 0.9 (fused 0.45)."""
+    labels = torch.ones(200, dtype=torch.int64)
+    a = detections(torch.cat([torch.full((100,), 0.6), torch.full((100,), 0.9)]), labels)
+    b = predict.subset_detections(a, torch.arange(100))
+    b["scores"] = torch.full((100,), 0.6)
+    fused = predict.fuse_detections([a, b], 0.5, detections_per_image=100, class_reserve=100)
+    assert fused["scores"].tolist() == pytest.approx([0.6] * 100)
+    assert sorted(fused["boxes"].round().tolist()) == sorted(a["boxes"][:100].tolist())
+
+
 class Crowd(torch.nn.Module):
     """Each tile: 60 class-2 detections above 5 class-3 ones, all apart, inside 200 x 200 px."""
 
