@@ -1,5 +1,6 @@
 """HW3 data: reading the TIFFs, instances from the class label maps, augmentation, the train/val
-split, the test-id table, and a synthetic dataset in the same layout for the CPU demo.
+split, the test-id table, a folder of any images to predict (ImageFolder), and a synthetic dataset in
+the same layout for the CPU demo.
 
 Layout (see data/README.md):
     DATA_DIR/train/<id>/image.tif            RGBA uint8 (RGB, gray and 16-bit also accepted)
@@ -44,11 +45,12 @@ def read_tiff(path):
         raise DataError(f"{path}: unreadable TIFF ({type(e).__name__}: {e})") from None
 
 
-def to_rgb_uint8(arr, path="image"):
+def to_rgb_uint8(arr, path="image", stretch=False):
     """Any 2-D gray, HxWx1/3/4 (or planar 1/3/4xHxW) uint8/uint16/float image -> HxWx3 uint8.
 
     Alpha is dropped; 16-bit images are scaled by 1/257 (full 16-bit range -> 0..255); float
-    images in [0, 1] are scaled by 255, others clipped to 0..255.
+    images in [0, 1] are scaled by 255, others clipped to 0..255. stretch (ImageFolder): an integer
+    image wider than 8 bits is scaled by its own 99.9th percentile instead (-> 255).
     """
     arr = np.asarray(arr)
     if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
@@ -66,6 +68,10 @@ def to_rgb_uint8(arr, path="image"):
         return np.ascontiguousarray(arr)
     if arr.dtype == np.bool_:
         return arr.astype(np.uint8) * 255
+    if stretch and np.issubdtype(arr.dtype, np.integer) and arr.dtype.itemsize > 1:
+        # 12-bit data in a 16-bit container is near black at 1/257; Cellpose too normalises each image
+        top = max(float(np.percentile(arr, 99.9)), 1.0)
+        return (np.clip(arr.astype(np.float32) * (255.0 / top), 0, 255)).round().astype(np.uint8)
     if arr.dtype == np.uint16:
         return (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating):
@@ -80,6 +86,23 @@ def to_rgb_uint8(arr, path="image"):
 
 def read_image(path):
     return to_rgb_uint8(read_tiff(path), path)
+
+
+FOLDER_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")  # what ImageFolder reads
+
+
+def read_any_image(path):
+    """A TIFF, PNG or JPEG (8- or 16-bit) as HxWx3 uint8, an integer image wider than 8 bits stretched
+    by its own range (to_rgb_uint8's stretch)."""
+    path = Path(path)
+    if path.suffix.lower() in (".tif", ".tiff"):
+        return to_rgb_uint8(read_tiff(path), path, stretch=True)
+    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise DataError(f"{path}: unreadable image (OpenCV could not decode it as {path.suffix.lower()[1:].upper()})")
+    if arr.ndim == 3 and arr.shape[-1] >= 3:
+        arr = arr[..., [2, 1, 0, *range(3, arr.shape[-1])]]  # OpenCV's BGR(A) -> RGB(A)
+    return to_rgb_uint8(arr, path, stretch=True)
 
 
 def read_label_maps(sample_dir, shape):
@@ -418,6 +441,34 @@ class TestDataset(torch.utils.data.Dataset):
             raise DataError(f"{path}: image is {image.shape[0]}x{image.shape[1]} (HxW) but the id table "
                             f"says {rec['height']}x{rec['width']}")
         return to_tensor(image), rec
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Every TIFF/PNG/JPEG directly in a folder, sorted by name, any size (infer.py --images). Items: (image
+    float CxHxW in [0,1], record {"id": index, "file_name": name in the folder}); `table` holds the records."""
+
+    def __init__(self, folder):
+        self.dir = Path(folder)
+        if not self.dir.is_dir():
+            raise DataError(f"{self.dir}: not a folder (--images takes a folder of images)")
+        names = sorted(p.name for p in self.dir.iterdir()
+                       if p.is_file() and p.suffix.lower() in FOLDER_EXTENSIONS and not p.name.startswith("."))
+        if not names:
+            raise DataError(f"{self.dir} holds no image to predict (read: {', '.join(FOLDER_EXTENSIONS)})")
+        seen = {}
+        for name in names:
+            other = seen.setdefault(Path(name).stem.casefold(), name)
+            if other != name:
+                raise DataError(f"{self.dir / other} and {self.dir / name} share a name before the extension (case "
+                                "ignored), so their outputs would share one folder: rename one")
+        self.table = [{"id": i, "file_name": name} for i, name in enumerate(names)]
+
+    def __len__(self):
+        return len(self.table)
+
+    def __getitem__(self, index):
+        rec = self.table[index]
+        return to_tensor(read_any_image(self.dir / rec["file_name"])), rec
 
 
 def collate(batch):

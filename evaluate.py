@@ -6,6 +6,7 @@ COCO ground truth from masks or from a file, COCOeval AP50/AP, and the cell pape
 (as torchvision's references keep coco_eval.py apart).
 """
 import contextlib
+import copy
 import io
 from pathlib import Path
 
@@ -26,6 +27,17 @@ def coco_ground_truth(images):
     return coco
 
 
+def segm_eval(coco_gt, results, max_dets=100, img_ids=None):
+    """pycocotools' COCOeval (segm, maxDets (1, 10, max_dets)) of the records, evaluated image by image."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes([dict(r, segmentation=bytes_rle(r["segmentation"])) for r in results])
+        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
+        ev.params.imgIds = sorted(coco_gt.getImgIds()) if img_ids is None else list(img_ids)
+        ev.params.maxDets = [1, 10, max_dets]
+        ev.evaluate()
+    return ev
+
+
 def coco_evaluate(coco_gt, results, max_dets=100, img_ids=None):
     """Segmentation COCOeval of `results` (submission-format dicts) against `coco_gt`.
 
@@ -39,12 +51,8 @@ def coco_evaluate(coco_gt, results, max_dets=100, img_ids=None):
         return {"ap50": zero, "ap": zero, "ap75": zero,
                 "per_class_ap50": {k: (0.0 if coco_gt.getAnnIds(imgIds=img_ids, catIds=[k]) else float("nan"))
                                    for k in range(1, NUM_CLASSES + 1)}}
+    ev = segm_eval(coco_gt, results, max_dets, img_ids)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes([dict(r, segmentation=bytes_rle(r["segmentation"])) for r in results])
-        ev = COCOeval(coco_gt, coco_dt, iouType="segm")
-        ev.params.imgIds = img_ids
-        ev.params.maxDets = [1, 10, max_dets]
-        ev.evaluate()
         ev.accumulate()
         ev.summarize()
     stats = [float("nan") if s < 0 else float(s) for s in ev.stats]
@@ -55,6 +63,53 @@ def coco_evaluate(coco_gt, results, max_dets=100, img_ids=None):
         p = p[p > -1]
         per_class[int(cat)] = float(p.mean()) if p.size else float("nan")
     return {"ap50": stats[1], "ap": stats[0], "ap75": stats[2], "per_class_ap50": per_class}
+
+
+def ap50_of(ev, leave_out=None):
+    """AP50 (area all, the last maxDets) of an evaluated COCOeval, over its images but the index leave_out:
+    pycocotools' own accumulate over the kept per-image evaluations (its accumulate(p) mis-indexes a subset)."""
+    pe = ev._paramsEval
+    if leave_out is not None:
+        n = len(pe.imgIds)
+        ev = copy.copy(ev)
+        ev._paramsEval = copy.deepcopy(pe)
+        ev._paramsEval.imgIds = [i for j, i in enumerate(pe.imgIds) if j != leave_out]
+        ev.params = ev._paramsEval
+        ev.evalImgs = [e for j, e in enumerate(ev.evalImgs) if j % n != leave_out]  # [class][area][image]
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.accumulate()
+    p = ev.eval["precision"][0, :, :, 0, -1]
+    per_class = [c[c > -1].mean() for c in p.T if (c > -1).any()]
+    return float(np.mean(per_class)) if per_class else float("nan")
+
+
+def image_costs(coco_gt, results, min_score, max_dets=100):
+    """What each image costs the AP50: AP50 over the other images minus AP50 over all (> 0: the image pulls it
+    down), and per class its cells no detection of score >= min_score matches at mask IoU 0.5 (missed) and its
+    detections of score >= min_score that match no cell (false), as COCOeval matches them (same class, by score,
+    within the max_dets counted). Returns [{'image_id', 'cost', 'missed': {k: n}, 'false': {k: n}}], costliest first."""
+    if not results:
+        return []
+    ev = segm_eval(coco_gt, results, max_dets)
+    img_ids = ev._paramsEval.imgIds
+    everything = ap50_of(ev)
+    rows = {i: {"image_id": i, "missed": {}, "false": {}} for i in img_ids}
+    for e in ev.evalImgs:
+        if e is None or e["aRng"] != ev.params.areaRng[0]:
+            continue
+        scores = dict(zip(e["dtIds"], e["dtScores"]))
+        gt_match = e["gtMatches"][0][~np.asarray(e["gtIgnore"], bool)]
+        missed = sum(1 for d in gt_match if d == 0 or scores.get(int(d), 0.0) < min_score)
+        false = sum(1 for d, m, ignore in zip(e["dtIds"], e["dtMatches"][0], e["dtIgnore"][0])
+                    if m == 0 and not ignore and scores[d] >= min_score)
+        row = rows[e["image_id"]]
+        if missed:
+            row["missed"][e["category_id"]] = missed
+        if false:
+            row["false"][e["category_id"]] = false
+    for j, i in enumerate(img_ids):
+        rows[i]["cost"] = ap50_of(ev, leave_out=j) - everything
+    return sorted(rows.values(), key=lambda r: -r["cost"])
 
 
 def ceiling(coco_gt, max_dets=100, img_ids=None):

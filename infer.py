@@ -6,26 +6,27 @@
     python infer.py --checkpoint runs/x/best.pt --sweep true --overlay 8   # threshold table + PNGs of the val split
     python infer.py --overlay 8                      # submission + PNGs of its first 8 test images
     python infer.py --tta flips+scales --input-scale 2                     # test-time augmentation, 2x input
+    python infer.py --images my_images --label-maps maps   # any TIFF/PNG/JPEG -> per-class label maps, cells.csv
 
 The checkpoint alone rebuilds the model: its saved configuration names the backbone and sizes. Predicting
 is predict.py's; scoring is evaluate.py's. What it prints is also appended to infer.log where it writes:
-beside OUTPUT_JSON, or in the checkpoint's folder for --eval / --sweep (output_dir).
+beside OUTPUT_JSON, in LABEL_MAPS, or in the checkpoint's folder for --eval / --sweep (output_dir).
 """
 import contextlib
 import json
-import math
 import re
 import sys
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 import evaluate
+import labelmaps
+import overlay
 import utils
-from dataset import CellDataset, DataError, TestDataset
-from predict import PredictionMemoryError, load_ensemble, predict_dataset, to_records
+from dataset import CellDataset, DataError, ImageFolder, TestDataset
+from predict import PredictionMemoryError, load_ensemble, predict_dataset, predict_each, to_records
 from utils import CheckpointError, apply_overrides, config_block, pick_device, save_json
 
 # ---- config: prediction (train.py's validation uses these too, but VAL_DETECTIONS_PER_IMAGE)
@@ -45,9 +46,12 @@ CASCADE_SCORE_STAGES = 3      # HEADS cascade: score = mean class probability of
 CHECKPOINT = ""               # '' = the newest runs/*/best.pt; a.pt,b.pt,...: an ensemble (detections fused)
 DATA_DIR = ""                 # '' = the DATA_DIR the checkpoint was trained with
 OUTPUT_JSON = "test-results.json"  # the submission file (COCO RLE records)
+IMAGES = ""                   # a folder of images to predict (TIFF/PNG/JPEG, any size) instead of the test set
+LABEL_MAPS = ""               # a folder: per-class instance label maps per image and cells.csv instead of the JSON
 EVAL = False                  # true: score the checkpoint's val split instead of writing a submission
 SWEEP = False                 # true: AP50 on the val split over mask and score thresholds (one model pass)
-OVERLAY = 0                   # N > 0: PNGs of N images (val beside ground truth with EVAL/SWEEP, else test)
+OVERLAY = 0                   # N > 0: PNGs of N images (val beside ground truth, costliest first; else test)
+OVERLAY_SCORE = 0.0           # overlays and --eval's missed/false counts: scores from this; 0 = SCORE_THRESHOLD
 DEVICE = "auto"               # auto | cpu | cuda | cuda:1 ...
 NUM_WORKERS = 2               # data-loading processes
 # ---- end of config
@@ -70,7 +74,8 @@ class SubmissionError(ValueError):
     pass
 
 
-FAILURES = (DataError, SubmissionError, CheckpointError, OSError, PredictionMemoryError)  # 'error: ...', no traceback
+FAILURES = (DataError, SubmissionError, CheckpointError, OSError, PredictionMemoryError,
+            labelmaps.LabelMapError)  # 'error: ...', no traceback
 
 
 def newest_checkpoint(pattern="runs/*/best.pt"):
@@ -81,70 +86,10 @@ def newest_checkpoint(pattern="runs/*/best.pt"):
     return found[-1]
 
 
-CLASS_COLOURS = {1: (230, 25, 75), 2: (60, 180, 75), 3: (0, 130, 200), 4: (255, 225, 25)}  # RGB
-
-
-def draw_outlines(rgb, masks_and_labels):
-    """Class-coloured 1-px outlines of each (HxW mask, label) over a copy of an RGB uint8 image."""
-    canvas = rgb.copy()
-    for mask, label in masks_and_labels:
-        contours, _ = cv2.findContours(np.ascontiguousarray(mask, np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
-        cv2.drawContours(canvas, contours, -1, CLASS_COLOURS.get(int(label), (255, 255, 255)), 1)
-    return canvas
-
-
-def to_rgb(image):
-    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-
-
-def draw_records(rgb, results, image_id, min_score):
-    shown = [r for r in results if r["image_id"] == image_id and r["score"] >= min_score]
-    return draw_outlines(rgb, ((utils.decode_mask(r["segmentation"]), r["category_id"]) for r in shown))
-
-
-def write_png(panel, path):
-    """An RGB panel as a PNG (atomic); small images enlarged (nearest) to at least 256 px to stay legible."""
-    zoom = max(1, math.ceil(256 / max(panel.shape[:2])))
-    panel = np.repeat(np.repeat(panel, zoom, 0), zoom, 1)
-    _, png = cv2.imencode(".png", panel[..., ::-1])
-    with utils.atomic_write(path, "wb") as f:
-        f.write(png.tobytes())
-    return path
-
-
-def write_overlays(dataset, results, out_dir, n, min_score=0.5):
-    """PNG for each of the first n images of a CellDataset: ground truth (left) beside its records
-    (image_id = dataset index) scoring >= min_score (right)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for image_id in range(min(n, len(dataset))):
-        image, target = dataset[image_id]
-        rgb = to_rgb(image)
-        truth = draw_outlines(rgb, zip(target["masks"].numpy(), target["labels"].tolist()))
-        pred = draw_records(rgb, results, image_id, min_score)
-        panel = np.concatenate([truth, np.full((rgb.shape[0], 4, 3), 255, np.uint8), pred], 1)
-        paths.append(write_png(panel, out_dir / f"{dataset.ids[image_id]}.png"))
-    return paths
-
-
 def overlay_dir(output_json):
     """Where --overlay puts a submission's test-image PNGs: <output stem>-overlays/ beside it."""
     output_json = Path(output_json)
     return output_json.with_name(output_json.stem + "-overlays")
-
-
-def write_test_overlays(dataset, results, out_dir, n, min_score=0.5):
-    """PNG for each of the first n images of a TestDataset: its submission records (image_id from the
-    id table) scoring >= min_score, outlined; named after the test file (<name>.png)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for index in range(min(n, len(dataset))):
-        image, rec = dataset[index]
-        pred = draw_records(to_rgb(image), results, rec["id"], min_score)
-        paths.append(write_png(pred, out_dir / f"{Path(rec['file_name']).stem}.png"))
-    return paths
 
 
 def check_submission(results, table):
@@ -237,12 +182,39 @@ def run_on_val(cfg, model, ckpt, checkpoint, data_dir, device, opts, out_dir):
                         ["mask_threshold", "score_threshold", "ap50"])
         print(f"wrote {out_dir / 'sweep.csv'}")
         metrics["sweep"] = table
+    costs = evaluate.image_costs(coco_gt, results, min_score=overlay_score(cfg))
+    print_costs(costs, dataset, out_dir / "image_costs.csv", overlay_score(cfg))
+    metrics["image_costs"] = costs
     if cfg["OVERLAY"] > 0:
-        paths = write_overlays(dataset, results, out_dir / "overlays", cfg["OVERLAY"])
-        print(f"wrote {len(paths)} overlay(s) to {out_dir / 'overlays'} (left: ground truth, right: predictions "
-              "scoring >= 0.5; class 1 red, 2 green, 3 blue, 4 yellow)")
+        notes = {c["image_id"]: f"missed {sum(c['missed'].values())}, false {sum(c['false'].values())} at IoU 0.5"
+                 for c in costs}
+        shown = [c["image_id"] for c in costs][:cfg["OVERLAY"]] or list(range(min(cfg["OVERLAY"], len(dataset))))
+        paths = overlay.write_overlays(dataset, results, out_dir / "overlays", shown, overlay_score(cfg), notes)
+        print(f"wrote {len(paths)} overlay(s) to {out_dir / 'overlays'}, costliest first (left: ground truth, right: "
+              f"predictions scoring >= {overlay_score(cfg):g}; {overlay.COLOUR_NAMES})")
         metrics["overlays"] = paths
     return metrics
+
+
+def overlay_score(cfg):
+    """The score from which overlays draw detections: OVERLAY_SCORE, or 0 for the predictions' SCORE_THRESHOLD."""
+    return cfg["OVERLAY_SCORE"] or cfg["SCORE_THRESHOLD"]
+
+
+def print_costs(costs, dataset, path, min_score, shown=10):
+    """The val images that cost the most AP50, with their missed and false cells by class; all of them to a CSV."""
+    def by_class(counts):
+        return " ".join(f"{k}:{counts.get(k, 0)}" for k in range(1, utils.NUM_CLASSES + 1))
+    rows = [{"image": dataset.ids[c["image_id"]], "ap50_cost": f"{c['cost']:.4f}",
+             **{f"missed_class{k}": c["missed"].get(k, 0) for k in range(1, utils.NUM_CLASSES + 1)},
+             **{f"false_class{k}": c["false"].get(k, 0) for k in range(1, utils.NUM_CLASSES + 1)}} for c in costs]
+    utils.write_csv(path, rows, list(rows[0]) if rows else ["image", "ap50_cost"])
+    print("  val images costing the most AP50 (AP50 without the image minus with it; cells missed and detections "
+          f"false at IoU 0.5, score >= {min_score:g}, by class 1..4):")
+    for c in costs[:shown]:
+        print(f"    {dataset.ids[c['image_id']]:<40} {c['cost']:+.4f}  missed {by_class(c['missed'])}  "
+              f"false {by_class(c['false'])}")
+    print(f"  all {len(costs)} in {path}")
 
 
 def predict_test_set(cfg, model, data_dir, device, opts):
@@ -263,13 +235,28 @@ def predict_test_set(cfg, model, data_dir, device, opts):
     if empty:
         print(f"note: {empty} image(s) have no detection above SCORE_THRESHOLD (valid: they simply score 0)")
     if cfg["OVERLAY"] > 0:
-        paths = write_test_overlays(dataset, results, overlay_dir(cfg["OUTPUT_JSON"]), cfg["OVERLAY"])
+        paths = overlay.write_overlays(dataset, results, overlay_dir(cfg["OUTPUT_JSON"]),
+                                       range(min(cfg["OVERLAY"], len(dataset))), overlay_score(cfg))
         print(f"wrote {len(paths)} overlay(s) of test images to {overlay_dir(cfg['OUTPUT_JSON'])} (predictions "
-              "scoring >= 0.5; class 1 red, 2 green, 3 blue, 4 yellow)")
+              f"scoring >= {overlay_score(cfg):g}; {overlay.COLOUR_NAMES})")
     if dataset.unlisted:
         print(f"warning: skipped {len(dataset.unlisted)} unlisted file(s) in {dataset.dir}: "
               + ", ".join(dataset.unlisted[:5]) + (" ..." if len(dataset.unlisted) > 5 else ""), file=sys.stderr)
     return cfg["OUTPUT_JSON"]
+
+
+def predict_label_maps(cfg, model, data_dir, device, opts):
+    """--label-maps: the images of --images (else of the test-id table) -> LABEL_MAPS/<image stem>/class1..4.tif
+    (uint16 instance ids) and LABEL_MAPS/cells.csv (labelmaps.py)."""
+    t0 = time.time()
+    dataset = ImageFolder(cfg["IMAGES"]) if cfg["IMAGES"] else TestDataset(data_dir)
+    predictions = predict_each(model, dataset, device, opts, cfg["NUM_WORKERS"], desc="label maps")
+    counts, images, pixels = labelmaps.write_label_maps(dataset, predictions, cfg["LABEL_MAPS"], cfg["MASK_THRESHOLD"])
+    seconds, megapixels = time.time() - t0, pixels / 1e6
+    print(f"wrote label maps of {images} image(s) of {dataset.dir} to {cfg['LABEL_MAPS']} (<image>/class1..4.tif, "
+          "cells.csv); instances " + ", ".join(f"class {k}: {n}" for k, n in enumerate(counts, 1))
+          + f"; {seconds:.1f}s, {seconds / megapixels:.2f} s per megapixel")
+    return Path(cfg["LABEL_MAPS"])
 
 
 def describe(checkpoint, ckpt, opts):
@@ -302,8 +289,10 @@ def checkpoint_list(text):
 
 
 def output_dir(cfg, checkpoints):
-    """Where this run writes, infer.log included: OUTPUT_JSON's folder, or for --eval / --sweep the checkpoint's
-    (an ensemble's: <first run>/ensemble/, not over that run's own sweep.csv and overlays)."""
+    """Where this run writes, infer.log included: LABEL_MAPS with --label-maps, OUTPUT_JSON's folder, or for --eval /
+    --sweep the checkpoint's (an ensemble's: <first run>/ensemble/, not over that run's own sweep.csv and overlays)."""
+    if cfg["LABEL_MAPS"]:
+        return Path(cfg["LABEL_MAPS"])
     if cfg["EVAL"] or cfg["SWEEP"]:
         return Path(checkpoints[0]).parent / ("ensemble" if len(checkpoints) > 1 else "")
     return Path(cfg["OUTPUT_JSON"]).parent
@@ -334,6 +323,12 @@ def main(argv=None):
 
 def predict_or_score(cfg, checkpoints):
     """The submission, or --eval / --sweep of the val split, with the checkpoints' models."""
+    if cfg["IMAGES"] and not cfg["LABEL_MAPS"]:
+        raise SystemExit(f"error: --images {cfg['IMAGES']} is predicted into label maps: add --label-maps OUT "
+                         "(a folder for OUT/<image>/class1..4.tif and OUT/cells.csv)")
+    if cfg["LABEL_MAPS"] and (cfg["EVAL"] or cfg["SWEEP"] or cfg["OVERLAY"]):
+        raise SystemExit("error: --label-maps writes label maps only: drop --eval, --sweep and --overlay "
+                         "(run them on their own)")
     device = pick_device(cfg["DEVICE"])
     settings = {name: cfg[name] for name in PREDICTION}
     try:
@@ -349,6 +344,8 @@ def predict_or_score(cfg, checkpoints):
         check_ensemble_split(checkpoints, ckpts)
         return run_on_val(cfg, models, ckpts[0], checkpoints[0], data_dir, device, opts,
                           output_dir(cfg, checkpoints))
+    if cfg["LABEL_MAPS"]:
+        return predict_label_maps(cfg, models, data_dir, device, opts)
     return predict_test_set(cfg, models, data_dir, device, opts)
 
 

@@ -5,6 +5,7 @@ Library code that infer.py's command line, train.py's validation and bench/ablat
     load_ensemble(checkpoints, device, settings) several, each rebuilt from its own checkpoint, with its opts
     predict_options(trained_cfg, settings)      how to predict (the run's sizing rule and the settings)
     predict_dataset(model, dataset, ...)        [(image id, (H, W), detections)] of a CellDataset / TestDataset
+    predict_each(model, dataset, ...)           the same, yielded image by image (label maps of a large folder)
     to_records(raw, mask_threshold)             -> COCO records (bbox, score, category, compressed RLE)
     pasted_masks(detections, (H, W), threshold)  each detection's mask in its box region of the image
 
@@ -410,18 +411,21 @@ def predict_or_retry(members, image, name):
 
 
 @torch.no_grad()
-def predict_dataset(model, dataset, device, opts, num_workers=0, desc="predict"):
-    """The model over a dataset, one image at a time in order: [(image id, (H, W), detections)].
-    model and opts may be lists of the same length: an ensemble, whose detections are fused (predict_members)."""
+def predict_each(model, dataset, device, opts, num_workers=0, desc="predict"):
+    """The model over a dataset, one image at a time in order, yielding (image id, (H, W), detections) as each is
+    done. model and opts may be lists of the same length: an ensemble, whose detections are fused (predict_members)."""
     members = list(zip(model, opts)) if isinstance(model, (list, tuple)) else [(model, opts)]
     for m, _ in members:
         m.eval()
-    raw = []
     for images, metas in tqdm(in_order_loader(dataset, num_workers), desc=desc, leave=False, dynamic_ncols=True):
         for image, meta in zip(images, metas):
             name = f"{image_name(dataset, meta)} (id {image_id(meta)})"
-            raw.append((image_id(meta), tuple(image.shape[-2:]), predict_or_retry(members, image.to(device), name)))
-    return raw
+            yield image_id(meta), tuple(image.shape[-2:]), predict_or_retry(members, image.to(device), name)
+
+
+def predict_dataset(model, dataset, device, opts, num_workers=0, desc="predict"):
+    """predict_each's detections of every image, as a list: [(image id, (H, W), detections)]."""
+    return list(predict_each(model, dataset, device, opts, num_workers, desc))
 
 
 def to_records(raw, mask_threshold):
