@@ -2,8 +2,8 @@
 submission-format records against COCO ground truth. Depends on nothing that predicts: train.py's
 validation (through engine.py), infer.py (--eval, --sweep) and bench/ablate.py hand it records.
 
-COCO ground truth from masks or from a file, COCOeval AP50/AP, and the cell papers' matching accuracy
-(as torchvision's references keep coco_eval.py apart).
+COCO ground truth from masks or from a file, COCOeval AP50/AP, what each image costs the AP50 (image_costs),
+and the cell papers' matching accuracy (as torchvision's references keep coco_eval.py apart).
 """
 import contextlib
 import copy

@@ -49,9 +49,9 @@ METRIC_MAX_DETS = 100  # the leaderboard's pycocotools counts at most this many 
 
 def class_budget(scores, labels, detections_per_image, class_reserve=METRIC_MAX_DETS):
     """Indices of at most `detections_per_image` detections, highest score first, shared out by class: each class
-    keeps its best min(class_reserve, detections_per_image // classes present) whatever the others score (the metric counts 100 per
-    image AND class, so a dominant class's 101st detection must not push out a rare class's first), and the
-    rest goes to the best of the remaining detections. class_reserve 0 is torchvision's one global
+    keeps its best min(class_reserve, detections_per_image // classes present) whatever the others score (the
+    metric counts 100 per image AND class, so a dominant class's 101st detection must not push out a rare class's
+    first), and the rest goes to the best of the remaining detections. class_reserve 0 is torchvision's one global
     top-k (infer.py CLASS_RESERVE)."""
     order = scores.argsort(descending=True, stable=True)
     if len(order) <= detections_per_image:

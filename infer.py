@@ -1,4 +1,5 @@
-"""Inference: a trained checkpoint -> test-results.json (COCO RLE), or --eval / --sweep on the run's val split.
+"""Inference: a trained checkpoint -> test-results.json (COCO RLE), --eval / --sweep on the run's val split, or
+label maps of the test set or any folder of images (--label-maps, --images).
 
     python infer.py                                  # newest runs/*/best.pt -> test-results.json
     python infer.py --checkpoint runs/x/best.pt --mask-threshold 0.45
@@ -48,6 +49,7 @@ DATA_DIR = ""                 # '' = the DATA_DIR the checkpoint was trained wit
 OUTPUT_JSON = "test-results.json"  # the submission file (COCO RLE records)
 IMAGES = ""                   # a folder of images to predict (TIFF/PNG/JPEG, any size) instead of the test set
 LABEL_MAPS = ""               # a folder: per-class instance label maps per image and cells.csv instead of the JSON
+LABEL_MAP_SCORE = 0.5         # label maps and cells.csv keep the detections scoring at least this
 EVAL = False                  # true: score the checkpoint's val split instead of writing a submission
 SWEEP = False                 # true: AP50 on the val split over mask and score thresholds (one model pass)
 OVERLAY = 0                   # N > 0: PNGs of N images (val beside ground truth, costliest first; else test)
@@ -251,7 +253,8 @@ def predict_label_maps(cfg, model, data_dir, device, opts):
     t0 = time.time()
     dataset = ImageFolder(cfg["IMAGES"]) if cfg["IMAGES"] else TestDataset(data_dir)
     predictions = predict_each(model, dataset, device, opts, cfg["NUM_WORKERS"], desc="label maps")
-    counts, images, pixels = labelmaps.write_label_maps(dataset, predictions, cfg["LABEL_MAPS"], cfg["MASK_THRESHOLD"])
+    counts, images, pixels = labelmaps.write_label_maps(dataset, predictions, cfg["LABEL_MAPS"], cfg["MASK_THRESHOLD"],
+                                                         cfg["LABEL_MAP_SCORE"])
     seconds, megapixels = time.time() - t0, pixels / 1e6
     print(f"wrote label maps of {images} image(s) of {dataset.dir} to {cfg['LABEL_MAPS']} (<image>/class1..4.tif, "
           "cells.csv); instances " + ", ".join(f"class {k}: {n}" for k, n in enumerate(counts, 1))

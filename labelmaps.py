@@ -18,6 +18,8 @@ from predict import pasted_masks, subset_detections
 from utils import NUM_CLASSES, atomic_write, write_csv
 
 MAX_INSTANCES = np.iinfo(np.uint16).max  # ids a uint16 map holds per class
+MIN_FREE = 0.5                # a detection gets an id only if this share of its mask is unclaimed (detectron2's
+                              # panoptic rule): no slivers of cells a better one covers
 CSV_FIELDS = ["image", "class", "instance", "score", "area", "centroid_y", "centroid_x", "x0", "y0", "x1", "y1"]
 
 
@@ -25,22 +27,26 @@ class LabelMapError(ValueError):
     """More instances of a class in one image than a uint16 label map holds."""
 
 
-def label_maps(output, image_size, mask_threshold):
-    """One image's detections -> (HxWx4 uint16 maps, [per class: score of each id, id 1 first]).
+def label_maps(output, image_size, mask_threshold, min_score=0.0):
+    """One image's detections scoring at least min_score -> (HxWx4 uint16 maps, [per class: score of each id, id 1
+    first]).
 
     Each class's detections claim their thresholded masks' free pixels in descending score order, so the
-    higher score wins an overlap and ids 1..n follow the scores; one left with no free pixel gets no id."""
+    higher score wins an overlap and ids 1..n follow the scores; one with less than MIN_FREE of its mask free
+    gets no id."""
     height, width = (int(v) for v in image_size)
     maps = np.zeros((height, width, NUM_CLASSES), np.uint16)
     scores = [[] for _ in range(NUM_CLASSES)]
-    order = torch.argsort(output["scores"].detach().cpu(), descending=True, stable=True)
+    scores_cpu = output["scores"].detach().cpu()
+    order = torch.argsort(scores_cpu, descending=True, stable=True)
+    order = order[scores_cpu[order] >= min_score]
     ranked = subset_detections(output, order)
     labels, ranked_scores = ranked["labels"].tolist(), ranked["scores"].tolist()
     for i, region, y0, x0 in pasted_masks(ranked, (height, width), mask_threshold):
         k = labels[i] - 1
         window = maps[y0:y0 + region.shape[0], x0:x0 + region.shape[1], k]
         free = region & (window == 0)
-        if not free.any():
+        if free.sum() < MIN_FREE * region.sum():
             continue
         if len(scores[k]) == MAX_INSTANCES:
             raise LabelMapError(f"more than {MAX_INSTANCES} instances of class {k + 1} in one image: a uint16 label "
@@ -74,7 +80,7 @@ def write_maps(folder, maps):
             f.write(buf.getvalue())
 
 
-def write_label_maps(dataset, predictions, out_dir, mask_threshold):
+def write_label_maps(dataset, predictions, out_dir, mask_threshold, min_score=0.0):
     """(image id, (H, W), detections) of a dataset with a `table` of {"id", "file_name"} (ImageFolder, TestDataset),
     e.g. predict.predict_each's, -> OUT/<file stem>/class<k>.tif and OUT/cells.csv, one image's detections and maps
     in memory at a time. Returns (instances per class, images, pixels)."""
@@ -82,7 +88,7 @@ def write_label_maps(dataset, predictions, out_dir, mask_threshold):
     names = {rec["id"]: rec["file_name"] for rec in dataset.table}
     rows, counts, images, pixels = [], [0] * NUM_CLASSES, 0, 0
     for image_id, size, output in predictions:
-        maps, scores = label_maps(output, size, mask_threshold)
+        maps, scores = label_maps(output, size, mask_threshold, min_score)
         write_maps(out_dir / Path(names[image_id]).stem, maps)
         rows += instance_rows(names[image_id], maps, scores)
         counts = [c + len(s) for c, s in zip(counts, scores)]

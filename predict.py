@@ -4,7 +4,8 @@ Library code that infer.py's command line, train.py's validation and bench/ablat
     load_model(checkpoint, device, settings)    the trained model, rebuilt from its checkpoint alone
     load_ensemble(checkpoints, device, settings) several, each rebuilt from its own checkpoint, with its opts
     predict_options(trained_cfg, settings)      how to predict (the run's sizing rule and the settings)
-    predict_dataset(model, dataset, ...)        [(image id, (H, W), detections)] of a CellDataset / TestDataset
+    predict_dataset(model, dataset, ...)        [(image id, (H, W), detections)] of a CellDataset / TestDataset /
+                                                ImageFolder
     predict_each(model, dataset, ...)           the same, yielded image by image (label maps of a large folder)
     to_records(raw, mask_threshold)             -> COCO records (bbox, score, category, compressed RLE)
     pasted_masks(detections, (H, W), threshold)  each detection's mask in its box region of the image
@@ -208,9 +209,9 @@ def predict_tiled(model, image, factor, tile, tile_overlap, nms_threshold, detec
 
     Boxes first, masks last: every tile's boxes are found (model.detect, which keeps the tile's features),
     stitched and cut to detections_per_image before the mask head runs (model.segment) on the detections kept,
-    each over its own tile's features. It sees detections_per_image boxes an image instead of as many a tile; the masks are the
-    same as in one pass; the price is the features of all tiles held at once (about 155 MB a 1344-px tile
-    at 256 channels, fp32). mask_chunk > 0: the mask head over at most that many detections at once."""
+    each over its own tile's features. It sees detections_per_image boxes an image instead of as many a tile;
+    the masks are the same as in one pass; the price is the features of all tiles held at once (about 155 MB a
+    1344-px tile at 256 channels, fp32). mask_chunk > 0: the mask head over at most that many detections at once."""
     ys, xs = tile_grid(image.shape[-2:], tile, tile_overlap)
     margin = core_margin(tile, tile_overlap)
     encoded, parts = [], []
@@ -269,8 +270,9 @@ def predict_image(model, image, opts, scale_mult=1.0):
     tiles where the input would pass MAX_SIZE (opts['tile']), else shrunk to fit."""
     factor, tile = tiling(image, opts, scale_mult)
     if tile:
-        return predict_tiled(model, image, factor, tile, opts["tile_overlap"], opts["nms_threshold"], opts["detections_per_image"], opts["class_reserve"],
-                             opts.get("mask_chunk", 0))
+        return predict_tiled(model, image, factor, tile, tile_overlap=opts["tile_overlap"],
+                             nms_threshold=opts["nms_threshold"], detections_per_image=opts["detections_per_image"],
+                             class_reserve=opts["class_reserve"], mask_chunk=opts.get("mask_chunk", 0))
     return forward_resized(model, image, factor)
 
 
@@ -352,7 +354,10 @@ def predict_members(members, image):
     --checkpoint a.pt,b.pt), each with its own sizing and TTA; all passes (checkpoints x TTA) fused once."""
     outs = [out for model, opts in members for out in tta_outputs(model, image, opts)]
     opts = members[0][1]
-    return outs[0] if len(outs) == 1 else fuse_detections(outs, opts["nms_threshold"], opts["detections_per_image"], opts["class_reserve"])
+    if len(outs) == 1:
+        return outs[0]
+    return fuse_detections(outs, iou_threshold=opts["nms_threshold"], detections_per_image=opts["detections_per_image"],
+                           class_reserve=opts["class_reserve"])
 
 
 def predict_options(trained, settings):

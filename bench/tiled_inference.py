@@ -89,8 +89,10 @@ def main(argv=None):
         ys, xs = predict.tile_grid(image.shape[-2:], tile, opts["tile_overlap"])
         tiles = len(ys) * len(xs)
         ways = {"ours": lambda: predict.predict_image(model, image, opts),
-                "one": lambda: one_pass_tiled(model, image, factor, tile, opts["tile_overlap"], opts["nms_threshold"], opts["detections_per_image"],
-                                              opts["class_reserve"])}
+                "one": lambda: one_pass_tiled(model, image, factor, tile, tile_overlap=opts["tile_overlap"],
+                                              nms_threshold=opts["nms_threshold"],
+                                              detections_per_image=opts["detections_per_image"],
+                                              class_reserve=opts["class_reserve"])}
         if n == 0:
             ways["one"]()  # warm-up, untimed
         got = {}

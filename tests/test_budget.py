@@ -106,7 +106,6 @@ def test_tta_fusion_shares_the_limit_out_by_class():
     assert (fused["labels"] == 3).sum() == 0
 
 
-
 def test_tta_fusion_shares_the_limit_out_on_the_fused_scores():
     """100 cells both passes found (0.6 each: fused 0.6) beat 100 that one pass found at 0.9 (fused 0.45)."""
     labels = torch.ones(200, dtype=torch.int64)

@@ -92,6 +92,8 @@ def test_the_higher_score_wins_an_overlap_and_ids_follow_the_scores(tmp_path):
     assert ((ones == 3) == (mask["B"] & ~mask["A"])).all() and set(np.unique(ones)) == {0, 1, 2, 3}  # C: no id
     assert ((twos == 1) == mask["D"]).all()  # classes do not compete
     assert map_scores[0] == pytest.approx([0.95, 0.9, 0.8]) and map_scores[1] == pytest.approx([0.3])
+    cut, cut_scores = labelmaps.label_maps(out, size, 0.5, min_score=0.4)  # LABEL_MAP_SCORE: D out
+    assert np.array_equal(cut[..., 0], ones) and not cut[..., 1].any() and cut_scores[1] == []
     rows = labelmaps.instance_rows("x.png", maps, map_scores)
     assert [(r["class"], r["instance"], r["score"]) for r in rows] == [(1, 1, "0.9500"), (1, 2, "0.9000"),
                                                                        (1, 3, "0.8000"), (2, 1, "0.3000")]
@@ -99,6 +101,15 @@ def test_the_higher_score_wins_an_overlap_and_ids_follow_the_scores(tmp_path):
     b = rows[2]
     assert (b["area"], b["x0"], b["y0"], b["x1"], b["y1"]) == (len(ys), xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     assert (float(b["centroid_y"]), float(b["centroid_x"])) == pytest.approx((ys.mean(), xs.mean()), abs=0.005)
+
+
+def test_a_detection_mostly_covered_by_a_better_one_gets_no_id():
+    """F's mask is 81% under A's: it would leave a sliver, so it gets no id; G, 75% free, keeps its free part."""
+    out = detections([[10, 10, 30, 30], [12, 12, 32, 32], [20, 0, 40, 20]], [0.9, 0.8, 0.7], [1, 1, 1])
+    mask = pasted(out, (50, 50))
+    maps, scores = labelmaps.label_maps(out, (50, 50), 0.5)
+    assert scores[0] == pytest.approx([0.9, 0.7]) and (maps[..., 0][mask[0]] == 1).all()
+    assert ((maps[..., 0] == 2) == (mask[2] & ~mask[0])).all()
 
 
 def test_more_instances_than_a_uint16_map_holds_stop_with_an_error(monkeypatch):
@@ -118,8 +129,8 @@ def checkpoint(demo_dir, tmp_path):
     path.parent.mkdir()
     torch.save({"format": CHECKPOINT_FORMAT, "model": tiny.state_dict(), "config": {**TINY, "DATA_DIR": str(demo_dir)},
                 "epoch": 1, "train_ids": ids[2:], "val_ids": ids[:2]}, path)
-    return ["--checkpoint", str(path), "--num-workers", "0", "--score-threshold", "0", "--detections-per-image", "20",
-            "--mask-threshold", "0.3", "--rpn-proposals", "200"]
+    return ["--checkpoint", str(path), "--num-workers", "0", "--score-threshold", "0", "--label-map-score", "0",
+            "--detections-per-image", "20", "--mask-threshold", "0.3", "--rpn-proposals", "200"]
 
 
 def image_folder(folder):
