@@ -1,17 +1,17 @@
-"""Inference: a trained checkpoint -> test-results.json (COCO RLE), --eval / --sweep on the run's val split, or
-label maps of the test set or any folder of images (--label-maps, --images).
+"""Inference: a trained checkpoint -> test-results.json (COCO RLE), --eval / --sweep on the run's val
+split, or label maps of the test set or of any folder of images (--label-maps, --images).
 
     python infer.py                                  # newest runs/*/best.pt -> test-results.json
     python infer.py --checkpoint runs/x/best.pt --mask-threshold 0.45
-    python infer.py --checkpoint runs/x/best.pt --eval true
-    python infer.py --checkpoint runs/x/best.pt --sweep true --overlay 8   # threshold table + PNGs of the val split
+    python infer.py --checkpoint runs/x/best.pt --eval true --overlay 8   # AP50, costliest drawn
+    python infer.py --checkpoint runs/x/best.pt --sweep true     # AP50 over mask x score thresholds
     python infer.py --overlay 8                      # submission + PNGs of its first 8 test images
-    python infer.py --tta flips+scales --input-scale 2                     # test-time augmentation, 2x input
-    python infer.py --images my_images --label-maps maps   # any TIFF/PNG/JPEG -> per-class label maps, cells.csv
+    python infer.py --tta flips+scales --input-scale 2           # test-time augmentation, 2x input
+    python infer.py --images my_images --label-maps maps         # any TIFF/PNG/JPEG -> label maps
 
-The checkpoint alone rebuilds the model: its saved configuration names the backbone and sizes. Predicting
-is predict.py's; scoring is evaluate.py's. What it prints is also appended to infer.log where it writes:
-beside OUTPUT_JSON, in LABEL_MAPS, or in the checkpoint's folder for --eval / --sweep (output_dir).
+The checkpoint alone rebuilds the model: its saved configuration names the backbone and sizes.
+Predicting is predict.py's; scoring is evaluate.py's. What it prints is also appended to infer.log
+where it writes: beside OUTPUT_JSON, in LABEL_MAPS, or (--eval, --sweep) in the checkpoint's folder.
 """
 import contextlib
 import json
