@@ -56,13 +56,18 @@ def coco_evaluate(coco_gt, results, max_dets=100, img_ids=None):
         ev.accumulate()
         ev.summarize()
     stats = [float("nan") if s < 0 else float(s) for s in ev.stats]
-    # precision: [T iou thresholds, R recall, K categories, A areas, M maxDets]; area 'all', last maxDets
+    return {"ap50": stats[1], "ap": stats[0], "ap75": stats[2], "per_class_ap50": per_class_ap50(ev)}
+
+
+def per_class_ap50(ev):
+    """{class: AP50} of an accumulated COCOeval (area all, the last maxDets); NaN for a class without cells."""
     per_class = {}
     for k_index, cat in enumerate(ev.params.catIds):
+        # precision: [T iou thresholds, R recall, K categories, A areas, M maxDets]
         p = ev.eval["precision"][0, :, k_index, 0, -1]
         p = p[p > -1]
         per_class[int(cat)] = float(p.mean()) if p.size else float("nan")
-    return {"ap50": stats[1], "ap": stats[0], "ap75": stats[2], "per_class_ap50": per_class}
+    return per_class
 
 
 def ap50_of(ev, leave_out=None):
@@ -78,8 +83,7 @@ def ap50_of(ev, leave_out=None):
         ev.evalImgs = [e for j, e in enumerate(ev.evalImgs) if j % n != leave_out]  # [class][area][image]
     with contextlib.redirect_stdout(io.StringIO()):
         ev.accumulate()
-    p = ev.eval["precision"][0, :, :, 0, -1]
-    per_class = [c[c > -1].mean() for c in p.T if (c > -1).any()]
+    per_class = [ap for ap in per_class_ap50(ev).values() if not np.isnan(ap)]
     return float(np.mean(per_class)) if per_class else float("nan")
 
 
